@@ -1,0 +1,110 @@
+"""Public functions over a model with adapters: extract, save, load."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.core.inject import (
+    _base_modules,
+    adapter_modules,
+    build_forms,
+    find_targets,
+    form_class,
+    install,
+    specs,
+)
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.state import AdapterState, BaseMismatchError, check_base, load_state, save_state
+from lorakit.forms.base import is_conv1d
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Cheap identity of a base model (architecture + a hash of a few weights)."""
+    from lorakit.models import model_fingerprint
+
+    return model_fingerprint(model)
+
+
+def _leaf_targets(model: nn.Module, modules: list[str]) -> list[str] | None:
+    """Leaf names (e.g. ["q_proj", "v_proj"]) if they select exactly ``modules`` in ``model``."""
+    leaves = sorted({p.rpartition(".")[2] for p in modules})
+    from lorakit.core.spec import AdapterSpec
+
+    try:
+        selected = find_targets(model, AdapterSpec(targets=leaves))
+    except ValueError:
+        return None
+    return leaves if sorted(selected) == sorted(modules) else None
+
+
+def extract_state(model: nn.Module, name: str = "default") -> AdapterState:
+    """The adapter ``name`` of ``model`` as an AdapterState (tensors copied to CPU, fp32)."""
+    forms = adapter_modules(model, name)
+    tensors = {}
+    for path, form in forms.items():
+        for tname, tensor in form.save_tensors().items():
+            tensors[f"{path}.{form.tensor_key(tname)}"] = tensor.detach().to("cpu").float().clone()
+    modules = sorted(forms)
+    conv1d = {is_conv1d(model.get_submodule(p).base_layer) for p in modules}
+    meta = {"peft_target_modules": _leaf_targets(model, modules), "fan_in_fan_out": conv1d == {True}}
+    base = fingerprint(model)
+    base["name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return AdapterState(spec=specs(model)[name], tensors=tensors, base=base, meta=meta)
+
+
+def save(model: nn.Module, out_dir: str | Path, name: str = "default", *,
+         base_model_name: str | None = None) -> Path:
+    """Save adapter ``name`` of ``model`` to ``out_dir`` in PEFT layout (+ lorakit.json)."""
+    return save_state(extract_state(model, name), out_dir, base_model_name=base_model_name)
+
+
+def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
+                activate: bool = True, trainable: bool = False, where: str = "adapter") -> nn.Module:
+    """Install ``state`` as adapter ``name``; validates everything before touching the model."""
+    check_base(state, fingerprint(model), where)
+    cls = form_class(state.spec)
+    by_module = state.by_module()
+    problems = []
+    present = {p for p, m in _base_modules(model) if p}
+    missing = [p for p in by_module if p not in present]
+    if missing:
+        problems.append(f"{len(missing)} module(s) not in the model, e.g. {missing[:3]}")
+    paths = [p for p in by_module if p in present]
+    not_linear = [p for p in paths if not (isinstance(model.get_submodule(p), (nn.Linear, AdaptedLayer))
+                                           or is_conv1d(model.get_submodule(p)))]
+    if not_linear:
+        problems.append(f"module(s) {not_linear[:3]} are not Linear/Conv1D layers")
+    if problems:
+        raise BaseMismatchError(f"{where}: adapter does not fit this model: " + "; ".join(problems))
+    try:
+        forms = build_forms(model, state.spec, paths)
+    except (ValueError, TypeError) as e:
+        raise BaseMismatchError(f"{where}: {e}") from e
+    for path, form in forms.items():
+        expected = form.save_tensors()
+        got = by_module[path]
+        if set(expected) != set(got):
+            problems.append(f"{path}: tensors {sorted(got)} but form {cls.name!r} expects {sorted(expected)}")
+            continue
+        for tname, ref in expected.items():
+            if tuple(got[tname].shape) != tuple(ref.shape):
+                problems.append(f"{path}.{tname}: shape {tuple(got[tname].shape)} in the file, "
+                                f"{tuple(ref.shape)} expected by the model")
+        if not problems:
+            form.load_tensors({k: v.to(expected[k].device, expected[k].dtype) for k, v in got.items()})
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise BaseMismatchError(f"{where}: adapter does not fit this model: {shown}")
+    spec = dataclasses.replace(state.spec)
+    return install(model, name, spec, forms, activate=activate, trainable=trainable)
+
+
+def load(model: nn.Module, adapter_dir: str | Path, name: str = "default", *,
+         activate: bool = True, trainable: bool = False) -> nn.Module:
+    """Load a lorakit or PEFT adapter folder onto ``model`` as adapter ``name``."""
+    return apply_state(model, load_state(adapter_dir), name, activate=activate, trainable=trainable,
+                       where=str(adapter_dir))

@@ -1,0 +1,1 @@
+"""Generic machinery shared by every method. No method name appears in this package."""

@@ -1,0 +1,25 @@
+"""Capability flags that methods declare so generic code can decide what to do without name checks."""
+
+from __future__ import annotations
+
+from enum import Flag, auto
+
+
+class Cap(Flag):
+    """What a method can do or needs. Generic code checks these, never class names."""
+
+    NONE = 0
+    FACTORED_AB = auto()  # ΔW = s·B·A with tensors `lora_A` (r, in) and `lora_B` (out, r)
+    MERGEABLE = auto()  # ΔW does not depend on the input: merge/unmerge into the base weight is exact
+    RANK_MUTABLE = auto()  # implements resize(rank)
+    NEEDS_DATA = auto()  # an init that reads calibration activations
+    NEEDS_GRAD = auto()  # an init that reads gradients of the frozen base weights
+    ROUTED = auto()  # output depends on a per-token gate (not mergeable)
+    REWRITES_BASE = auto()  # an init that changes the base weight (export must account for it)
+    CONV1D_OK = auto()  # works on HF Conv1D (GPT-2 style, weight stored (in, out))
+    IDENTITY_AT_INIT = auto()  # output equals the base output right after init
+
+
+def describe(caps: Cap) -> str:
+    """Comma-separated lower-case names of the set flags."""
+    return ",".join(f.name.lower() for f in Cap if f and f in caps and f.name) or "-"

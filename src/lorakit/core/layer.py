@@ -1,0 +1,119 @@
+"""AdaptedLayer: a base Linear/Conv1D plus any number of named adapters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.core.caps import Cap
+from lorakit.forms.base import Form, is_conv1d
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a frozen base layer and holds ``{adapter_name: Form}``.
+
+    Forward = base output, then each active, unmerged adapter's ``apply`` in order. In a mixed
+    batch (``row_groups`` set) each row goes through at most one adapter; rows of adapters this
+    layer does not hold, and base-only rows, keep the base output.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+
+    # Some model code reads `.weight`/`.bias` of its projections (dtype checks, weight tying).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.row_groups is not None:
+            return self._mixed_forward(x, out)
+        for name in self.active:
+            if name in self.adapters and name not in self.merged:
+                out = _apply(self.adapters[name], x, out)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            raise RuntimeError(f"mixed-adapter batch while adapters {self.merged} are merged; unmerge first")
+        result = out
+        for name, rows in self.row_groups or ():
+            if name not in self.adapters:
+                continue
+            rows = rows.to(x.device)
+            adapted = _apply(self.adapters[name], x.index_select(0, rows), out.index_select(0, rows))
+            result = result.index_copy(0, rows, adapted)
+        return result
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else list(self.active):
+            if name in self.merged or name not in self.adapters:
+                continue
+            form = self.adapters[name]
+            if Cap.MERGEABLE not in form.caps:
+                raise ValueError(f"adapter {name!r} ({form.name}) is input-dependent and cannot be merged")
+            with torch.no_grad():
+                self._write_weight(form.merged_weight(self._weight_out_in().to(_dtype(form))))
+                self._add_bias(form.delta_bias(), sign=1.0)
+            self.merged.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for name in reversed(list(self.merged)):
+            if names is not None and name not in names:
+                continue
+            form = self.adapters[name]
+            with torch.no_grad():
+                self._write_weight(form.unmerged_weight(self._weight_out_in().to(_dtype(form))))
+                self._add_bias(form.delta_bias(), sign=-1.0)
+            self.merged.remove(name)
+
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if is_conv1d(self.base_layer) else w
+
+    def _write_weight(self, weight_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        new = weight_out_in.T if is_conv1d(self.base_layer) else weight_out_in
+        w.data.copy_(new.to(w.dtype))
+
+    def _add_bias(self, delta: torch.Tensor | None, sign: float) -> None:
+        if delta is None:
+            return
+        if self.base_layer.bias is None:
+            w = self.base_layer.weight
+            self.base_layer.bias = nn.Parameter(torch.zeros(delta.shape, dtype=w.dtype, device=w.device),
+                                                requires_grad=False)
+        self.base_layer.bias.data.add_(sign * delta.to(self.base_layer.bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}"
+
+
+def _dtype(form: Form) -> torch.dtype:
+    for p in form.parameters():
+        return p.dtype
+    for b in form.buffers():
+        return b.dtype
+    return torch.float32
+
+
+def _apply(form: Form, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Run a form in its own dtype (fp32 unless asked) and return in the base output's dtype."""
+    dtype = _dtype(form)
+    if x.dtype == dtype and out.dtype == dtype:
+        return form.apply(x, out)
+    return form.apply(x.to(dtype), out.to(dtype)).to(out.dtype)

@@ -1,0 +1,124 @@
+"""The Form interface shared by every adapter parameterization."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.core.caps import Cap
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """HF GPT-2 style Conv1D: a linear map whose weight is stored (in, out)."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if is_conv1d(layer):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"unsupported layer type {type(layer).__name__}; lorakit adapts Linear and Conv1D layers")
+
+
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The base weight in the (out, in) layout that ΔW uses (a view, no copy)."""
+    return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+class Form(nn.Module):
+    """An adapter parameterization attached to one base Linear/Conv1D.
+
+    Subclasses set ``name``, ``Args`` (a frozen dataclass whose defaults come from the paper),
+    ``caps`` and optionally ``peft_type``, allocate parameters in ``__init__`` and implement
+    ``delta_weight``. ``apply`` is the hot path; the default materializes ΔW, factored forms
+    override it. Parameters listed in ``frozen`` stay frozen when the adapter is trained.
+    """
+
+    name: ClassVar[str] = ""
+    Args: ClassVar[type]
+    caps: ClassVar[Cap] = Cap.NONE
+    peft_type: ClassVar[str | None] = None
+    # args field -> PEFT per-module pattern key (e.g. "r" -> "rank_pattern")
+    peft_patterns: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base_layer: nn.Module, args: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.in_features, self.out_features = layer_dims(base_layer)
+        self.frozen: set[str] = set()
+
+    # -- semantics -------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the base weight's (out, in) layout."""
+        raise NotImplementedError(f"form {self.name!r} must implement delta_weight()")
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Change to the base bias, if the form has one."""
+        return None
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Adapted output given the input and the frozen base output."""
+        out = base_out + F.linear(x, self.delta_weight())
+        bias = self.delta_bias()
+        return out if bias is None else out + bias
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight()
+
+    def reset_parameters(self) -> None:
+        """The paper's default initialization."""
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    @classmethod
+    def num_trainable(cls, in_features: int, out_features: int, args: Any) -> int:
+        """Closed-form count of trainable parameters on one layer (checked by conformance tests)."""
+        raise NotImplementedError(f"form {cls.name!r} must implement num_trainable()")
+
+    @classmethod
+    def examples(cls) -> list[Any]:
+        """Small Args for the conformance suite."""
+        return [cls.Args()]
+
+    # tensor name -> key suffix in saved files (PEFT's naming where PEFT knows the form)
+    file_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def tensor_key(cls, tensor_name: str) -> str:
+        return cls.file_keys.get(tensor_name, tensor_name)
+
+    @classmethod
+    def split_key(cls, key: str) -> tuple[str, str]:
+        """Split a saved key ``<module path>.<suffix>`` into (module path, tensor name)."""
+        for name, suffix in cls.file_keys.items():
+            if key.endswith("." + suffix):
+                return key[: -len(suffix) - 1], name
+        path, _, name = key.rpartition(".")
+        return path, name
+
+    def save_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that define this adapter (parameters and persistent buffers)."""
+        return {k: v for k, v in self.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(tensors, strict=True)
+
+    @classmethod
+    def peft_config(cls, args: Any) -> dict[str, Any]:
+        """Fields of PEFT's adapter_config.json for these args (forms with ``peft_type`` only)."""
+        raise NotImplementedError(f"form {cls.name!r} has no PEFT config")
+
+    @classmethod
+    def args_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Form args from a PEFT adapter_config.json (forms with ``peft_type`` only)."""
+        raise NotImplementedError(f"form {cls.name!r} cannot read PEFT configs")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, args={self.args}"

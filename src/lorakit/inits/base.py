@@ -1,0 +1,51 @@
+"""The Init interface and the one driver that runs any init over a model's adapted layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lorakit.core.caps import Cap, describe
+from lorakit.forms.base import Form
+
+
+class Init:
+    """Sets a form's tensors. ``needs`` says whether it reads data or gradients; ``requires`` lists
+    the form capabilities it relies on (checked once, before any work)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[Cap] = Cap.NONE
+    requires: ClassVar[Cap] = Cap.NONE
+
+    def __init__(self, **args: Any) -> None:
+        if args:
+            raise ValueError(f"init {self.name!r} takes no arguments, got {sorted(args)}")
+
+    @classmethod
+    def check_form(cls, form_cls: type[Form]) -> None:
+        missing = cls.requires & ~form_cls.caps
+        if missing:
+            raise ValueError(f"init {cls.name!r} needs form capabilities [{describe(missing)}] that form "
+                             f"{form_cls.name!r} lacks (it has [{describe(form_cls.caps)}])")
+
+    def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
+        """Gather statistics (activations, gradients) for ``apply``; data-free inits return None."""
+        return None
+
+    def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
+        raise NotImplementedError(f"init {self.name!r} must implement apply()")
+
+
+def initialize(model: nn.Module, adapter_name: str, init: Init,
+               batches: Iterable[Any] | None = None) -> None:
+    """Run ``init`` on every layer that holds ``adapter_name``."""
+    from lorakit.core.inject import adapted_layers
+
+    layers = {path: layer for path, layer in adapted_layers(model) if adapter_name in layer.adapters}
+    if init.needs & (Cap.NEEDS_DATA | Cap.NEEDS_GRAD) and batches is None:
+        raise ValueError(f"init {init.name!r} needs calibration batches; pass batches=...")
+    stats = init.collect(model, {p: layer.base_layer for p, layer in layers.items()}, batches)
+    for path, layer in layers.items():
+        init.apply(layer.adapters[adapter_name], layer.base_layer, None if stats is None else stats.get(path))

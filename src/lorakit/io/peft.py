@@ -1,0 +1,125 @@
+"""PEFT on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Writing: tensors use PEFT's keys (``base_model.model.<path>.lora_A.weight``) and the config PEFT's
+fields, so ``PeftModel.from_pretrained`` loads the folder. Per-module ranks/alphas go to
+``rank_pattern``/``alpha_pattern`` (generically: the form's ``peft_patterns``).
+Reading: any folder PEFT wrote for a form lorakit implements, including several adapters saved in
+subfolders (PEFT saves adapter ``name`` under ``<dir>/<name>/``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.core import registry
+from lorakit.core.spec import AdapterSpec
+from lorakit.core.state import (
+    KEY_PREFIX,
+    LORAKIT_FILE,
+    PEFT_CONFIG_FILE,
+    AdapterFileError,
+    AdapterState,
+    load_state,
+)
+from lorakit.forms.base import Form
+
+
+def form_for_peft_type(peft_type: str, config: dict[str, Any]) -> type[Form]:
+    """The lorakit form that reads PEFT adapters of ``peft_type`` (DoRA is LoRA + use_dora in PEFT)."""
+    candidates = []
+    for e in registry.entries("form"):
+        cls = registry.get("form", e.name)
+        if cls.peft_type == peft_type:
+            candidates.append(cls)
+    for cls in candidates:
+        if getattr(cls, "peft_accepts", lambda c: True)(config):
+            return cls
+    known = sorted({registry.get("form", e.name).peft_type for e in registry.entries("form")} - {None})
+    raise AdapterFileError(f"PEFT adapter type {peft_type!r} is not supported; lorakit reads: {known}")
+
+
+def peft_target_modules(state: AdapterState) -> list[str] | str:
+    """PEFT ``target_modules``: the spec's name list when it selected exactly these modules, else an
+    exact-path regex (PEFT full-matches a string against module paths)."""
+    chosen = state.meta.get("peft_target_modules")
+    if chosen is not None:
+        return chosen
+    return "^(" + "|".join(re.escape(p) for p in state.modules) + ")$"
+
+
+def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict[str, Any]:
+    cls = state.form_class()
+    from lorakit.core.spec import build_args
+
+    args = build_args(cls.Args, state.spec.form_args, owner=f"form {cls.name!r}")
+    config: dict[str, Any] = {
+        "peft_type": cls.peft_type,
+        "task_type": state.meta.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": base_model_name or state.base.get("name_or_path"),
+        "target_modules": peft_target_modules(state),
+        "fan_in_fan_out": bool(state.meta.get("fan_in_fan_out", False)),
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "revision": None,
+    }
+    config.update(cls.peft_config(args))
+    for field, pattern_key in cls.peft_patterns.items():
+        config[pattern_key] = {pattern: over[field] for pattern, over in state.spec.module_args.items()
+                               if field in over}
+    return config
+
+
+def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> AdapterState:
+    """Translate a PEFT config + tensors into an AdapterState."""
+    peft_type = config.get("peft_type")
+    if not peft_type:
+        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'peft_type'")
+    cls = form_for_peft_type(str(peft_type).upper(), config)
+    try:
+        form_args = cls.args_from_peft(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: {e}") from e
+    module_args: dict[str, dict[str, Any]] = {}
+    for field, pattern_key in cls.peft_patterns.items():
+        for pattern, value in (config.get(pattern_key) or {}).items():
+            module_args.setdefault(pattern, {})[field] = type(form_args[field])(value)
+    targets = config.get("target_modules")
+    if targets is None:
+        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'target_modules'")
+    spec = AdapterSpec(form=cls.name, form_args=form_args, targets=targets if isinstance(targets, str)
+                       else list(targets), exclude=[], module_args=module_args)
+    out = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterFileError(f"{where}: unexpected tensor key {key!r} (expected prefix {KEY_PREFIX!r})")
+        if "modules_to_save" in key or "lora_embedding" in key:
+            raise AdapterFileError(f"{where}: tensor {key!r} (modules_to_save / embedding LoRA) is not supported")
+        short = re.sub(r"\.(lora_\w+)\.default\.", r".\1.", key[len(KEY_PREFIX):])  # old PEFT kept names
+        out[short] = tensor.float() if tensor.is_floating_point() else tensor
+    if not out:
+        raise AdapterFileError(f"{where}: the adapter file holds no tensors")
+    meta = {"peft_target_modules": targets, "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+            "task_type": config.get("task_type"), "source": "peft"}
+    base = {"name_or_path": config.get("base_model_name_or_path")}
+    return AdapterState(spec=spec, tensors=out, base=base, meta=meta)
+
+
+def load_adapter_dirs(root: str | Path) -> dict[str, AdapterState]:
+    """All adapters under ``root``: the root itself (as ``default``) and each subfolder with one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AdapterFileError(f"{root}: adapter folder not found")
+    found: dict[str, AdapterState] = {}
+    if (root / LORAKIT_FILE).exists() or (root / PEFT_CONFIG_FILE).exists():
+        found["default"] = load_state(root)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (sub / LORAKIT_FILE).exists() or (sub / PEFT_CONFIG_FILE).exists():
+            found[sub.name] = load_state(sub)
+    if not found:
+        raise AdapterFileError(f"{root}: no adapter (adapter_config.json or lorakit.json) here or in subfolders")
+    return found

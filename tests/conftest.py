@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny seeded models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_llama():
+    from lorakit.models import tiny_llama
+
+    return tiny_llama(hidden=32, layers=2, heads=4, kv_heads=2, vocab=128, seed=0)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from lorakit.models import tiny_gpt2
+
+    return tiny_gpt2(hidden=32, layers=2, heads=4, vocab=128, seed=0)
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 128, (3, 11), generator=g)
+
+
+def randomize_adapter(model, name: str = "default", seed: int = 1, std: float = 0.2) -> None:
+    """Give every tensor of adapter ``name`` random values (B = 0 at init would hide bugs)."""
+    from lorakit.core.inject import adapter_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for form in adapter_modules(model, name).values():
+            for p in form.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
