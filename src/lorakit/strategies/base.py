@@ -1,0 +1,65 @@
+"""The Strategy hook interface the trainer calls; every hook is optional and strategies stack."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from lorakit.core.caps import Cap
+
+if TYPE_CHECKING:
+    from lorakit.train.trainer import Trainer
+
+
+class Strategy:
+    """Base class: a no-op at every hook.
+
+    Order per optimizer step: ``on_step_start`` → (forward, ``on_loss``, backward) × accumulation →
+    ``on_after_backward`` → gradient clipping → ``on_before_optimizer_step`` → optimizer and
+    scheduler step → ``on_step_end``. ``param_groups`` and ``wrap_optimizer`` run once at set-up.
+    ``requires`` lists form capabilities the strategy relies on; ``exclusive_with`` names
+    strategies it cannot be stacked with (checked before training starts).
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[Cap] = Cap.NONE
+    exclusive_with: ClassVar[frozenset[str]] = frozenset()
+
+    def param_groups(self, model: nn.Module, params: list[nn.Parameter]) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, or None to keep the default single group."""
+        return None
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_loss(self, trainer: Trainer, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+        return loss
+
+    def on_after_backward(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State needed for exact resume (saved with each checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def check_stack(strategies: list[Strategy]) -> None:
+    """Refuse stacks whose members declare each other exclusive."""
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"strategy listed twice in {names}")
+    for s in strategies:
+        clash = s.exclusive_with & set(names)
+        if clash:
+            raise ValueError(f"strategy {s.name!r} cannot be combined with {sorted(clash)}")

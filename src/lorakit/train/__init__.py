@@ -1,0 +1,5 @@
+"""Training: the trainer (on accelerate), checkpoints with exact resume, logs and plots."""
+
+from lorakit.train.trainer import TrainConfig, Trainer, TrainResult
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer"]

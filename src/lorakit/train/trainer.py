@@ -1,0 +1,281 @@
+"""The lorakit trainer, built on accelerate (single process, DDP via ``accelerate launch``/``torchrun``).
+
+AdamW + warmup/cosine|linear|constant schedule, gradient accumulation and clipping, periodic eval,
+a progress bar, ``log.jsonl`` + ``curves.png`` in the run dir, atomic checkpoints every N steps and
+exact resume (same data order, optimizer, scheduler and RNG state), and strategy hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.core import atomic
+from lorakit.strategies.base import Strategy, check_stack
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.plots import plot_run, read_log
+from lorakit.train.sampler import IndexStream
+from lorakit.train.schedule import SCHEDULES, lr_multiplier
+
+LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None  # None: warmup_ratio of the steps
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # 0: only before and after training
+    eval_at_start: bool = True
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    train_seconds: float
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int | None = None
+    out_dir: str | None = None
+
+
+class Trainer:
+    """Train the parameters of ``model`` that require grad.
+
+    ``train_data`` is indexable; ``collate`` turns a list of its items into a batch;
+    ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any],
+                 loss_fn: LossFn, config: TrainConfig | None = None, *, eval_fn: EvalFn | None = None,
+                 strategies: Sequence[Strategy] = (), accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config or TrainConfig()
+        self.strategies = list(strategies)
+        check_stack(self.strategies)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.model = model
+        self.train_data, self.collate, self.loss_fn, self.eval_fn = train_data, collate, loss_fn, eval_fn
+        self.out_dir = Path(self.config.out_dir) if self.config.out_dir else None
+        self.step = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; attach an adapter first")
+        self.param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self._build_optimizer()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        c = self.config
+        groups = [{"params": self.params, "weight_decay": c.weight_decay}]
+        for s in self.strategies:
+            groups = s.param_groups(self.model, self.params) or groups
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
+        for s in self.strategies:
+            self.optimizer = s.wrap_optimizer(self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(c.schedule, c.warmup, c.steps, c.min_lr_ratio))
+        self.wrapped = self.accelerator.prepare(self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([ckpt.rng_state()]) if self.accelerator.num_processes > 1 else [ckpt.rng_state()]
+        path = None
+        if self.is_main and self.out_dir is not None:
+            state = {"step": self.step, "config": dataclasses.asdict(self.config),
+                     "world_size": self.accelerator.num_processes}
+            path = ckpt.save_checkpoint(self.out_dir / "checkpoints", self.step, params=self._trainable_state(),
+                                        optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                                        strategies={s.name: s.state_dict() for s in self.strategies},
+                                        rng_per_rank=rngs, keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _resume(self, resume: str | Path | bool) -> int | None:
+        if resume is False or resume is None:
+            return None
+        if resume is True or resume == "latest":
+            found = ckpt.list_checkpoints(self.out_dir / "checkpoints") if self.out_dir else []
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / ckpt.COMPLETE).exists():
+                raise FileNotFoundError(f"{path}: not a complete checkpoint (no {ckpt.COMPLETE})")
+        data = ckpt.load_checkpoint(path)
+        saved_world = data["trainer_state"].get("world_size", 1)
+        if saved_world != self.accelerator.num_processes:
+            raise ValueError(f"{path}: checkpoint was written by {saved_world} processes, resuming with "
+                             f"{self.accelerator.num_processes}; exact resume needs the same number")
+        named = self._trainable_state()
+        missing = set(named) - set(data["params"])
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks trainable tensors {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(data["params"][n])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        for s in self.strategies:
+            s.load_state_dict(data["strategies"].get(s.name, {}))
+        ckpt.set_rng_state(data["rng"][self.accelerator.process_index])
+        self.step = int(data["trainer_state"]["step"])
+        return self.step
+
+    # -- logging ---------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main and self.out_dir is not None:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """After a resume, drop log records from steps the checkpoint does not contain."""
+        if not (self.is_main and self.out_dir is not None):
+            return
+        path = self.out_dir / "log.jsonl"
+        kept = [r for r in read_log(path) if r.get("step", 0) <= self.step]
+        atomic.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(self.model)
+        self.model.train(was_training)
+        return {k: float(v) for k, v in metrics.items()}
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self, resume: str | Path | bool = True) -> TrainResult:
+        c, acc = self.config, self.accelerator
+        if self.out_dir is not None and self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self._resume(resume)
+        if resumed is not None:
+            self._trim_log()
+        else:
+            torch.manual_seed(c.seed + acc.process_index)
+        stream = IndexStream(len(self.train_data), c.seed)
+        eval_before = {}
+        if resumed is None and c.eval_at_start:
+            eval_before = self.evaluate()
+            self._log({"step": 0, "eval": eval_before})
+        for s in self.strategies:
+            s.on_train_start(self)
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (c.progress and self.is_main), file=sys.stderr)
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        self.model.train()
+        while self.step < c.steps:
+            for s in self.strategies:
+                s.on_step_start(self, self.step)
+            total = 0.0
+            for micro in range(c.grad_accum):
+                k = self.step * c.grad_accum + micro
+                idx = stream.batch(k, c.batch_size, acc.process_index, acc.num_processes)
+                batch = self.collate([self.train_data[i] for i in idx])
+                sync = micro == c.grad_accum - 1
+                ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else nullcontext()
+                with ctx:
+                    loss = self.loss_fn(self.wrapped, batch)
+                    for s in self.strategies:
+                        loss = s.on_loss(self, loss, batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower the lr")
+                    acc.backward(loss / c.grad_accum)
+                total += loss.detach().item() / c.grad_accum
+            for s in self.strategies:
+                s.on_after_backward(self, self.step)
+            grad_norm = None
+            if c.max_grad_norm:
+                grad_norm = float(acc.clip_grad_norm_(self.params, c.max_grad_norm))
+            for s in self.strategies:
+                s.on_before_optimizer_step(self, self.step)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if acc.num_processes > 1:
+                total = float(acc.reduce(torch.tensor(total), reduction="mean"))
+            losses.append(total)
+            logs = {"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
+                    "epoch": round(stream.epoch_of(self.step * c.grad_accum, c.batch_size, acc.num_processes), 4)}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
+            for s in self.strategies:
+                s.on_step_end(self, self.step, logs)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                self._log(logs)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{logs['lr']:.2e}")
+            bar.update(1)
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                self._log({"step": self.step, "eval": self.evaluate()})
+                self.model.train()
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save_checkpoint()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        self.model.eval()
+        eval_after = self.evaluate()
+        if eval_after:
+            self._log({"step": self.step, "eval": eval_after})
+        if self.out_dir is not None and self.is_main:
+            plot_run(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+        final = losses[-1] if losses else math.nan
+        return TrainResult(steps=self.step, final_loss=final, train_seconds=seconds, eval_before=eval_before,
+                           eval_after=eval_after, losses=losses, resumed_from=resumed,
+                           out_dir=str(self.out_dir) if self.out_dir else None)
