@@ -68,6 +68,7 @@ def quickstart(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[str, typer.Option(help="bundled task name (see `lorakit tasks`) or a CSV/JSONL file")] = "sentiment",
     model: Annotated[str | None, typer.Option(help="local HF model dir or .gguf; default: embedded SmolLM2")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (CLI wins)")] = None,
@@ -92,7 +93,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
     max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
     n_train: Annotated[int | None, typer.Option(help="use at most this many training examples")] = None,
-    n_eval: Annotated[int, typer.Option(help="eval examples")] = 300,
+    n_eval: Annotated[int | None, typer.Option(help="eval examples (default 10%, at most 500)")] = None,
     eval_every: Annotated[int, typer.Option(help="eval every N steps (0: before/after only)")] = 0,
     save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: none)")] = 0,
     seed: Annotated[int, typer.Option(help="seed for data order and adapter init")] = 0,
@@ -105,9 +106,9 @@ def train(
     from lorakit.train.run import finetune
     from lorakit.train.trainer import TrainConfig
 
-    cli = {k: v for k, v in locals().items() if k not in ("registry", "AdapterSpec", "finetune", "TrainConfig")}
+    cli = {k: v for k, v in locals().items() if k not in ("ctx", "registry", "AdapterSpec", "finetune", "TrainConfig")}
     if config is not None:
-        cli = _merge_yaml(config, cli)
+        cli = _merge_yaml(ctx, config, cli)
     form_args = {"r": cli["rank"], "alpha": cli["alpha"]}
     if cli["dropout"] is not None:
         form_args["dropout"] = cli["dropout"]
@@ -133,9 +134,8 @@ def train(
     _print_summary(summary)
 
 
-def _merge_yaml(path: Path, cli: dict[str, Any]) -> dict[str, Any]:
+def _merge_yaml(ctx: typer.Context, path: Path, cli: dict[str, Any]) -> dict[str, Any]:
     """Options from YAML, overridden by options given explicitly on the command line."""
-    import click
     import yaml
 
     if not path.is_file():
@@ -147,8 +147,7 @@ def _merge_yaml(path: Path, cli: dict[str, Any]) -> dict[str, Any]:
     unknown = set(loaded) - set(cli)
     if unknown:
         _fail(f"{path}: unknown option(s) {sorted(unknown)}; known: {sorted(set(cli) - {'config'})}")
-    ctx = click.get_current_context()
-    explicit = {k for k in cli if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    explicit = {k for k in cli if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     merged = dict(cli)
     for k, v in loaded.items():
         if k not in explicit:
@@ -161,7 +160,7 @@ def evaluate(
     adapter: Annotated[Path | None, typer.Option(help="adapter dir (lorakit or PEFT); none = base model")] = None,
     data: Annotated[str, typer.Option(help="task name or data file")] = "sentiment",
     model: Annotated[str | None, typer.Option(help="base model; default: embedded SmolLM2")] = None,
-    n_eval: Annotated[int, typer.Option(help="eval examples")] = 300,
+    n_eval: Annotated[int | None, typer.Option(help="eval examples (default 10%, at most 500)")] = None,
     max_length: Annotated[int, typer.Option()] = 128,
     seed: Annotated[int, typer.Option(help="seed of the train/eval split")] = 0,
     threads: Annotated[int | None, typer.Option()] = None,

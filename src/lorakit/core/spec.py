@@ -57,3 +57,15 @@ def build_args(args_cls: type, values: dict[str, Any], *, owner: str) -> Any:
     if unknown:
         raise ValueError(f"{owner}: unknown argument(s) {sorted(unknown)}; known: {sorted(known)}")
     return args_cls(**values)
+
+
+def validate_spec(spec: AdapterSpec) -> None:
+    """Check names, arguments and form/init compatibility before any model is touched."""
+    from lorakit.core import registry
+
+    form_cls = registry.get("form", spec.form)
+    init_cls = registry.get("init", spec.init)
+    build_args(form_cls.Args, spec.form_args, owner=f"form {form_cls.name!r}")
+    for overrides in spec.module_args.values():
+        build_args(form_cls.Args, {**spec.form_args, **overrides}, owner=f"form {form_cls.name!r}")
+    init_cls(**spec.init_args).check_form(form_cls)

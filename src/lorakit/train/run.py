@@ -32,14 +32,17 @@ def _say(msg: str) -> None:
 
 def finetune(*, model: str | None = None, data: str = "sentiment", spec: AdapterSpec | None = None,
              config: TrainConfig | None = None, strategies: list[Strategy] | None = None,
-             n_train: int | None = None, n_eval: int | None = 300, max_length: int = 128,
+             n_train: int | None = None, n_eval: int | None = None, max_length: int = 128,
              eval_batch_size: int = 16, threads: int | None = None, adapter_seed: int = 0) -> dict[str, Any]:
     """Fine-tune ``model`` on ``data`` with the adapter ``spec``; write the adapter and summary.json
     into ``config.out_dir``; return the summary."""
     import lorakit
     from lorakit.models import load_model, set_threads
 
+    from lorakit.core.spec import validate_spec
+
     spec = spec or AdapterSpec(form_args={"r": 8, "alpha": 16})
+    validate_spec(spec)
     config = config or TrainConfig()
     out = Path(config.out_dir or "runs/train")
     config = dataclasses.replace(config, out_dir=str(out))
