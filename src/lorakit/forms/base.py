@@ -51,6 +51,14 @@ class Form(nn.Module):
         self.args = args
         self.in_features, self.out_features = layer_dims(base_layer)
         self.frozen: set[str] = set()
+        # A plain reference (not a submodule): forms whose ΔW reads W (weight-guided forms) use it,
+        # and it must not be saved or registered twice.
+        object.__setattr__(self, "_base_layer", base_layer)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The current base weight in (out, in) layout (merged adapters included, if any)."""
+        return weight_out_in(self._base_layer)
 
     # -- semantics -------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -109,6 +117,11 @@ class Form(nn.Module):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(tensors, strict=True)
+
+    @classmethod
+    def peft_accepts(cls, config: dict[str, Any]) -> bool:
+        """Whether this form reads a PEFT config of its ``peft_type`` (several forms may share one)."""
+        return True
 
     @classmethod
     def peft_config(cls, args: Any) -> dict[str, Any]:

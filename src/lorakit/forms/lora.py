@@ -5,6 +5,11 @@ with A random (Kaiming-uniform, as the reference code and PEFT), B = 0 so ΔW = 
 s = α/r. rsLoRA (Theorem 3.2) shows s = α/√r keeps learning stable as r grows.
 Dropout is applied to x before A (as the reference implementation). With ``bias=True`` B carries a
 trainable bias (PEFT's ``lora_bias``), scaled by s like the rest of the update.
+
+FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313, Sec. 4): the same ΔW = s·B·A with A frozen at its
+(seeded) random init and only B trained (zero-init): m·r trainable parameters per layer. With a
+shared A, averaging B across clients is exact: mean_k(B_k)·A = mean_k(B_k·A). Form ``ffa``, or
+``lora`` with ``freeze_A=True``; PEFT loads it as a plain LoRA.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class LoRAArgs:
     dropout: float = 0.0
     rslora: bool = False
     bias: bool = False
+    freeze_A: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -49,6 +55,8 @@ class LoRA(Form):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, args.r, device=device))
         self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=device)) if args.bias else None
         self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
+        if args.freeze_A:
+            self.frozen.add("lora_A")
         self.reset_parameters()
 
     @property
@@ -76,13 +84,17 @@ class LoRA(Form):
 
     @classmethod
     def num_trainable(cls, in_features: int, out_features: int, args: LoRAArgs) -> int:
-        return args.r * (in_features + out_features) + (out_features if args.bias else 0)
+        return args.r * ((0 if args.freeze_A else in_features) + out_features) + (out_features if args.bias else 0)
 
     @classmethod
     def examples(cls) -> list[LoRAArgs]:
         return [LoRAArgs(r=4, alpha=8), LoRAArgs(r=2, alpha=3, rslora=True, bias=True)]
 
     file_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"}
+
+    @classmethod
+    def peft_accepts(cls, config: dict[str, Any]) -> bool:
+        return not config.get("use_dora")
 
     @classmethod
     def peft_config(cls, args: LoRAArgs) -> dict[str, Any]:
@@ -98,3 +110,23 @@ class LoRA(Form):
         return {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),
                 "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
                 "rslora": bool(config.get("use_rslora", False)), "bias": bool(config.get("lora_bias", False))}
+
+
+@dataclass(frozen=True)
+class FFAArgs(LoRAArgs):
+    freeze_A: bool = True
+
+
+class FFALoRA(LoRA):
+    """FFA-LoRA: LoRA with A frozen at its seeded init; only B trains (see the module docstring)."""
+
+    name = "ffa"
+    Args = FFAArgs
+
+    @classmethod
+    def examples(cls) -> list[LoRAArgs]:
+        return [FFAArgs(r=4, alpha=8)]
+
+    @classmethod
+    def peft_accepts(cls, config: dict[str, Any]) -> bool:
+        return False  # a PEFT file cannot say A was frozen: read it as plain LoRA
