@@ -10,6 +10,7 @@ from torch import nn
 
 from lorakit.core.inject import (
     _base_modules,
+    adapted_layers,
     adapter_modules,
     build_forms,
     find_targets,
@@ -23,10 +24,25 @@ from lorakit.forms.base import is_conv1d
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Cheap identity of a base model (architecture + a hash of a few weights)."""
+    """Cheap identity of a base model (architecture + a hash of a few weights).
+
+    Merged adapters are taken out of the weights for the duration (the base's identity must not
+    depend on what is merged into it); the original weight tensors are put back untouched.
+    """
     from lorakit.models import model_fingerprint
 
-    return model_fingerprint(model)
+    swapped = []
+    try:
+        for _, layer in adapted_layers(model):
+            if layer.merged:
+                w = layer.base_layer.weight
+                base = layer.base_weight_out_in()
+                swapped.append((w, w.data))
+                w.data = base.T if is_conv1d(layer.base_layer) else base
+        return model_fingerprint(model)
+    finally:
+        for w, data in swapped:
+            w.data = data
 
 
 def _leaf_targets(model: nn.Module, modules: list[str]) -> list[str] | None:
@@ -99,6 +115,9 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise BaseMismatchError(f"{where}: adapter does not fit this model: {shown}")
+    if not trainable:  # an inference load: the new tensors must not build autograd graphs
+        for form in forms.values():
+            form.requires_grad_(False)
     spec = dataclasses.replace(state.spec)
     return install(model, name, spec, forms, activate=activate, trainable=trainable)
 

@@ -22,6 +22,11 @@ AXES = ("form", "init", "strategy", "merge", "route", "retrieve", "federated", "
 CATALOG: tuple[Entry, ...] = (
     Entry("form", "lora", "lorakit.forms.lora:LoRA", "LoRA: Low-Rank Adaptation of LLMs (Hu et al., 2021); rsLoRA (Kalajdzievski, 2023)", "2106.09685, 2312.03732"),
     Entry("form", "ffa", "lorakit.forms.lora:FFALoRA", "FFA-LoRA: Improving LoRA in Privacy-preserving Federated Fine-tuning (Sun et al., ICLR 2024)", "2403.12313"),
+    # forms-group-A (dora, lora_xs, slora, nlora, inttune)
+    # forms-group-B (dylora, loldu, block_lora)
+    # forms-group-C (bone, miss, shira)
+    # forms-group-D (flylora, smora, nola)
+    # forms-group-E (randlora)
     Entry("init", "default", "lorakit.inits.basic:DefaultInit", "The form's own paper initialization", "-"),
     Entry("init", "kaiming", "lorakit.inits.basic:KaimingInit", "LoRA default: A ~ Kaiming-uniform, B = 0 (Hu et al., 2021)", "2106.09685"),
     Entry("init", "gaussian", "lorakit.inits.basic:GaussianInit", "LoRA with A ~ N(0, 1/r), B = 0 (Hu et al., 2021)", "2106.09685"),

@@ -45,7 +45,7 @@ def find_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
         if not path or not _adaptable_or_wrapped(module):
             continue
         if spec.targets == "all-linear":
-            if base is head:
+            if head is not None and head in (module, base):  # the head may already be wrapped
                 continue
         elif not _matches(path, spec.targets):
             continue

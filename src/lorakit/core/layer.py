@@ -25,6 +25,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self._bias_added = False  # merge gave a bias-free base layer a bias; unmerge takes it away
 
     # Some model code reads `.weight`/`.bias` of its projections (dtype checks, weight tying).
     @property
@@ -80,6 +81,18 @@ class AdaptedLayer(nn.Module):
                 self._write_weight(form.unmerged_weight(self._weight_out_in().to(_dtype(form))))
                 self._add_bias(form.delta_bias(), sign=-1.0)
             self.merged.remove(name)
+        if self._bias_added and all(self.adapters[n].delta_bias() is None for n in self.merged):
+            self.base_layer.bias = None  # back to the original bias-free layer (same state_dict keys)
+            self._bias_added = False
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight (out, in) without the merged adapters; the base layer is not modified."""
+        w = self._weight_out_in()
+        with torch.no_grad():
+            for name in reversed(self.merged):
+                form = self.adapters[name]
+                w = form.unmerged_weight(w.to(_dtype(form)))
+        return w.to(self.base_layer.weight.dtype)
 
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -97,6 +110,7 @@ class AdaptedLayer(nn.Module):
             w = self.base_layer.weight
             self.base_layer.bias = nn.Parameter(torch.zeros(delta.shape, dtype=w.dtype, device=w.device),
                                                 requires_grad=False)
+            self._bias_added = True
         self.base_layer.bias.data.add_(sign * delta.to(self.base_layer.bias.dtype))
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ Each file is written atomically and ``lorakit.json`` last, so an interrupted sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -92,23 +93,35 @@ def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str
     out.mkdir(parents=True, exist_ok=True)
     cls = state.form_class()
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
-    atomic.write_with(out / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    if cls.peft_type is not None:
-        atomic.write_json(out / PEFT_CONFIG_FILE, peft_io.peft_config(state, base_model_name))
-    atomic.write_json(out / LORAKIT_FILE, {
-        "format_version": FORMAT_VERSION,
-        "spec": state.spec.to_dict(),
-        "base": state.base,
-        "meta": state.meta,
-        "tensors_sha256": _sha256(out / TENSORS_FILE),
-    })
+    # Everything is built in temp files first; nothing replaces the previous files unless all of it
+    # worked. The renames then go tensors, PEFT config, lorakit.json (contexts exit in reverse).
+    config = peft_io.peft_config(state, base_model_name) if cls.peft_type is not None else None
+    with contextlib.ExitStack() as stack:
+        info_tmp = stack.enter_context(atomic.atomic_path(out / LORAKIT_FILE))
+        config_tmp = (None if config is None
+                      else stack.enter_context(atomic.atomic_path(out / PEFT_CONFIG_FILE)))
+        tensors_tmp = stack.enter_context(atomic.atomic_path(out / TENSORS_FILE))
+        save_file(tensors, str(tensors_tmp), metadata={"format": "pt"})
+        if config_tmp is not None:
+            config_tmp.write_bytes(_json_bytes(config))
+        info_tmp.write_bytes(_json_bytes({
+            "format_version": FORMAT_VERSION,
+            "spec": state.spec.to_dict(),
+            "base": state.base,
+            "meta": state.meta,
+            "tensors_sha256": _sha256(tensors_tmp),
+        }))
     return out
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: expected a JSON object")
@@ -150,6 +163,9 @@ def load_state(adapter_dir: str | Path) -> AdapterState:
     for key in ("format_version", "spec"):
         if key not in info:
             raise AdapterFileError(f"{d / LORAKIT_FILE}: missing required field {key!r}")
+    if not isinstance(info["format_version"], int):
+        raise AdapterFileError(f"{d / LORAKIT_FILE}: format_version must be an integer, "
+                               f"got {info['format_version']!r}")
     if info["format_version"] > FORMAT_VERSION:
         raise AdapterFileError(f"{d / LORAKIT_FILE}: format version {info['format_version']} is newer than "
                                f"this lorakit understands ({FORMAT_VERSION}); upgrade lorakit")

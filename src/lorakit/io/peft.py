@@ -51,6 +51,18 @@ def peft_target_modules(state: AdapterState) -> list[str] | str:
     return "^(" + "|".join(re.escape(p) for p in state.modules) + ")$"
 
 
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any, *, first: bool) -> Any:
+    """The value ``patterns`` give ``path`` (pattern matched against the end of the path): PEFT
+    takes the first matching pattern, lorakit's ``AdapterSpec.module_args`` the last."""
+    hits = [v for p, v in patterns.items() if re.match(rf"(.*\.)?({p})$", path)]
+    return hits[0 if first else -1] if hits else default
+
+
+def _exact_key(path: str) -> str:
+    """A pattern that matches exactly the module ``path`` under both semantics."""
+    return "^" + re.escape(path)
+
+
 def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict[str, Any]:
     cls = state.form_class()
     from lorakit.core.spec import build_args
@@ -69,8 +81,15 @@ def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict
     }
     config.update(cls.peft_config(args))
     for field, pattern_key in cls.peft_patterns.items():
-        config[pattern_key] = {pattern: over[field] for pattern, over in state.spec.module_args.items()
-                               if field in over}
+        default = getattr(args, field)
+        # config files are written with sorted keys, and PEFT takes the first matching pattern
+        patterns = dict(sorted((pattern, over[field]) for pattern, over in state.spec.module_args.items()
+                               if field in over))
+        want = {path: state.spec.args_for(path).get(field, default) for path in state.modules}
+        if any(_pattern_value(patterns, path, default, first=True) != v for path, v in want.items()):
+            # overlapping patterns resolve differently in PEFT: name each module exactly
+            patterns = {_exact_key(path): v for path, v in want.items() if v != default}
+        config[pattern_key] = patterns
     return config
 
 
@@ -84,15 +103,9 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
         form_args = cls.args_from_peft(config)
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: {e}") from e
-    module_args: dict[str, dict[str, Any]] = {}
-    for field, pattern_key in cls.peft_patterns.items():
-        for pattern, value in (config.get(pattern_key) or {}).items():
-            module_args.setdefault(pattern, {})[field] = type(form_args[field])(value)
     targets = config.get("target_modules")
     if targets is None:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'target_modules'")
-    spec = AdapterSpec(form=cls.name, form_args=form_args, targets=targets if isinstance(targets, str)
-                       else list(targets), exclude=[], module_args=module_args)
     out = {}
     for key, tensor in tensors.items():
         if not key.startswith(KEY_PREFIX):
@@ -103,10 +116,34 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
         out[short] = tensor.float() if tensor.is_floating_point() else tensor
     if not out:
         raise AdapterFileError(f"{where}: the adapter file holds no tensors")
+    module_args = _module_args_from_peft(cls, config, form_args, sorted({cls.split_key(k)[0] for k in out}))
+    spec = AdapterSpec(form=cls.name, form_args=form_args, targets=targets if isinstance(targets, str)
+                       else list(targets), exclude=[], module_args=module_args)
     meta = {"peft_target_modules": targets, "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             "task_type": config.get("task_type"), "source": "peft"}
     base = {"name_or_path": config.get("base_model_name_or_path")}
     return AdapterState(spec=spec, tensors=out, base=base, meta=meta)
+
+
+def _module_args_from_peft(cls: type[Form], config: dict[str, Any], form_args: dict[str, Any],
+                           paths: list[str]) -> dict[str, dict[str, Any]]:
+    """PEFT's rank_pattern/alpha_pattern (first match wins, per field) as ``module_args`` (last match
+    wins, all fields of a pattern together): the patterns as they are when both readings agree on
+    every module of the adapter, else one exact entry per module that differs from the defaults."""
+    patterns = {field: {p: type(form_args[field])(v) for p, v in (config.get(key) or {}).items()}
+                for field, key in cls.peft_patterns.items()}
+    want = {path: {field: _pattern_value(patterns[field], path, form_args[field], first=True)
+                   for field in patterns} for path in paths}
+    module_args: dict[str, dict[str, Any]] = {}
+    for field, by_pattern in patterns.items():
+        for pattern, value in by_pattern.items():
+            module_args.setdefault(pattern, {})[field] = value
+    spec = AdapterSpec(form_args=form_args, module_args=module_args)
+    if all(spec.args_for(path).get(f, form_args[f]) == v
+           for path, args in want.items() for f, v in args.items()):
+        return module_args
+    return {_exact_key(path): {f: v for f, v in args.items() if v != form_args[f]}
+            for path, args in want.items() if any(v != form_args[f] for f, v in args.items())}
 
 
 def load_adapter_dirs(root: str | Path) -> dict[str, AdapterState]:
