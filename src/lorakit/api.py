@@ -63,7 +63,14 @@ def extract_state(model: nn.Module, name: str = "default") -> AdapterState:
     tensors = {}
     for path, form in forms.items():
         for tname, tensor in form.save_tensors().items():
-            tensors[f"{path}.{form.tensor_key(tname)}"] = tensor.detach().to("cpu").float().clone()
+            t = tensor.detach().to("cpu")
+            tensors[f"{path}.{form.tensor_key(tname)}"] = (t.float() if t.is_floating_point() else t).clone()
+    shared = next(iter(forms.values())).shared if forms else None
+    if shared is not None and shared.saved:  # model-level tensors (Cap.SHARED_TENSORS): stored once
+        for tname, tensor in shared.tensors().items():
+            tensors[tname] = tensor.detach().to("cpu").float().clone()
+            for path in forms if shared.layer_copies else ():  # PEFT's layout also has per-layer copies
+                tensors[f"{path}.{forms[path].tensor_key(tname)}"] = tensors[tname].clone()
     modules = sorted(forms)
     conv1d = {is_conv1d(model.get_submodule(p).base_layer) for p in modules}
     meta = {"peft_target_modules": _leaf_targets(model, modules), "fan_in_fan_out": conv1d == {True}}
@@ -112,6 +119,14 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
                                 f"{tuple(ref.shape)} expected by the model")
         if not problems:
             form.load_tensors({k: v.to(expected[k].device, expected[k].dtype) for k, v in got.items()})
+    shared, given = (next(iter(forms.values())).shared if forms else None), state.shared_tensors()
+    if given:  # model-level tensors (Cap.SHARED_TENSORS); without them they stay as built from the args
+        expected = shared.tensors() if shared is not None else {}
+        problems += [f"shared tensor {n}: shape {tuple(t.shape)} in the file, "
+                     f"{tuple(expected[n].shape) if n in expected else 'none'} expected by the model"
+                     for n, t in given.items() if n not in expected or t.shape != expected[n].shape]
+        if not problems:
+            shared.load({n: t.to(expected[n].device, expected[n].dtype) for n, t in given.items()})
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise BaseMismatchError(f"{where}: adapter does not fit this model: {shown}")

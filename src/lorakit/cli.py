@@ -69,7 +69,7 @@ def quickstart(
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Annotated[str, typer.Option(help="bundled task name (see `lorakit tasks`) or a CSV/JSONL file")] = "sentiment",
+    data: Annotated[str, typer.Option(help="task name (`lorakit tasks`) or a CSV/JSONL file")] = "sentiment",
     model: Annotated[str | None, typer.Option(help="local HF model dir or .gguf; default: embedded SmolLM2")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (CLI wins)")] = None,
     form: Annotated[str, typer.Option(help="adapter form (see `lorakit methods`)")] = "lora",
@@ -217,21 +217,36 @@ def generate(
 
 
 @app.command()
-def methods(axis: Annotated[str | None, typer.Option(help="only this axis")] = None) -> None:
+def methods(
+    axis: Annotated[str | None, typer.Option(help="only this axis")] = None,
+    markdown: Annotated[bool, typer.Option(help="print a Markdown table (the README's method table)")] = False,
+) -> None:
     """Every method in the catalog with its paper, arXiv id and capabilities."""
     from lorakit.core import registry
     from lorakit.core.caps import describe
+    from lorakit.core.catalog import AXES
 
-    rows = registry.entries(axis)
-    typer.echo(f"{'axis':<10} {'name':<12} {'arXiv':<24} {'capabilities':<50} paper")
+    rows = sorted(registry.entries(axis), key=lambda e: AXES.index(e.axis))
+    if markdown:
+        typer.echo("| axis | name | paper | arXiv | capabilities / requirements | PEFT type |")
+        typer.echo("|---|---|---|---|---|---|")
+    else:
+        typer.echo(f"{'axis':<10} {'name':<12} {'arXiv':<24} {'capabilities':<50} paper")
     for e in rows:
+        peft_type = None
         try:
             obj = registry.get(e.axis, e.name)
             caps = describe(getattr(obj, "caps", None) or getattr(obj, "requires", None) or _none_caps())
+            peft_type = getattr(obj, "peft_type", None)
         except Exception as exc:  # a broken optional method must not hide the rest of the table
             caps = f"(unavailable: {type(exc).__name__})"
-        typer.echo(f"{e.axis:<10} {e.name:<12} {e.arxiv:<24} {caps:<50} {e.paper}")
-    typer.echo(f"\n{len(rows)} methods")
+        if markdown:
+            caps = caps.replace(",", ", ")
+            typer.echo(f"| {e.axis} | `{e.name}` | {e.paper} | {e.arxiv} | {caps} | {peft_type or '-'} |")
+        else:
+            typer.echo(f"{e.axis:<10} {e.name:<12} {e.arxiv:<24} {caps:<50} {e.paper}")
+    if not markdown:
+        typer.echo(f"\n{len(rows)} methods")
 
 
 def _none_caps():
@@ -278,6 +293,28 @@ def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lo
         typer.echo(f"  {path}: {shapes}")
     if len(by_module) > 8:
         typer.echo(f"  ... {len(by_module) - 8} more")
+
+
+@app.command()
+def export(
+    adapter_dir: Annotated[Path, typer.Argument(help="adapter folder of any mergeable form")],
+    out: Annotated[Path, typer.Option(help="output folder (a plain PEFT LoRA)")],
+    rank: Annotated[int, typer.Option(help="rank of the exported LoRA")] = 16,
+    model: Annotated[str | None, typer.Option(help="base model the adapter was made for")] = None,
+) -> None:
+    """Export an adapter whose form PEFT lacks to a plain PEFT LoRA (truncated SVD of ΔW)."""
+    import lorakit
+    from lorakit.core.state import save_state
+    from lorakit.io.export import export_lora
+    from lorakit.models import load_model
+
+    base, _ = load_model(model)
+    lorakit.load(base, adapter_dir)
+    state, report = export_lora(base, "default", rank)
+    save_state(state, out)
+    worst = max(report.per_module.items(), key=lambda kv: kv[1])
+    typer.echo(f"exported {len(report.per_module)} modules at rank {rank} to {out}: relative error "
+               f"{report.relative_error:.3e} overall, worst {worst[1]:.3e} ({worst[0]})")
 
 
 def main() -> None:  # pragma: no cover

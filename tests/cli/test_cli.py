@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 
-WORDS = "good bad great awful fine nice terrible love hate movie food service the was is it very not".split()
+WORDS = ["good", "bad", "great", "awful", "fine", "nice", "terrible", "love", "hate",
+         "movie", "food", "service", "the", "was", "is", "it", "very", "not"]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,22 @@ def test_unknown_form_and_bad_adapter_give_clear_errors(tiny_dir, csv_file, tmp_
     bad = run("inspect", str(tmp_path / "broken"))
     assert bad.returncode == 2 and "adapter_config.json" in bad.stderr and "not valid JSON" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_readme_method_table_lists_every_catalog_entry():
+    from lorakit.core.registry import entries
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [e.name for e in entries() if f"`{e.name}`" not in readme]
+    assert not missing, f"README method table lacks {missing}; regenerate with `lorakit methods --markdown`"
+
+
+def test_generate_with_and_without_adapter(tiny_dir, csv_file, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", str(tiny_dir), "--data", str(csv_file), "--steps", "2",
+                                 "--rank", "2", "--n-eval", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for extra in ([], ["--adapter", str(out)]):
+        result = runner.invoke(app, ["generate", "the movie was", "--model", str(tiny_dir), "--no-chat",
+                                     "--max-new-tokens", "5", *extra])
+        assert result.exit_code == 0, result.output

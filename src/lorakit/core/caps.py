@@ -18,6 +18,12 @@ class Cap(Flag):
     REWRITES_BASE = auto()  # an init that changes the base weight (export must account for it)
     CONV1D_OK = auto()  # works on HF Conv1D (GPT-2 style, weight stored (in, out))
     IDENTITY_AT_INIT = auto()  # output equals the base output right after init
+    # ΔW = s·B·M·A with `lora_A` (r, in), `lora_B` (out, r) and an (r, r) middle matrix M whose
+    # attribute name is the form's `middle_name` (e.g. "lora_N", "lora_R")
+    FACTORED_BMA = auto()
+    # holds model-level tensors shared by all layers of one adapter (Form.shared_names, built by
+    # Form.build_shared, stored once per adapter; e.g. RandLoRA's random bases)
+    SHARED_TENSORS = auto()
 
 
 def describe(caps: Cap) -> str:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (one catalog line per method, by design)
 """THE registry of methods: one line per method.
 
 Each line is (axis, name, "module:Object", paper, arXiv id). Adding a method = one file in its axis
@@ -23,10 +24,29 @@ CATALOG: tuple[Entry, ...] = (
     Entry("form", "lora", "lorakit.forms.lora:LoRA", "LoRA: Low-Rank Adaptation of LLMs (Hu et al., 2021); rsLoRA (Kalajdzievski, 2023)", "2106.09685, 2312.03732"),
     Entry("form", "ffa", "lorakit.forms.lora:FFALoRA", "FFA-LoRA: Improving LoRA in Privacy-preserving Federated Fine-tuning (Sun et al., ICLR 2024)", "2403.12313"),
     # forms-group-A (dora, lora_xs, slora, nlora, inttune)
+    Entry("form", "dora", "lorakit.forms.dora:DoRA", "DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., ICML 2024)", "2402.09353"),
+    Entry("form", "lora_xs", "lorakit.forms.lora_xs:LoRAXS", "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters (Bałazy et al., ECAI 2025)", "2405.17604"),
+    Entry("form", "slora", "lorakit.forms.slora:SLoRA", "StructuredLoRA, in NLoRA: Nyström-Initiated Low-Rank Adaptation for LLMs (Guo et al., Findings of EMNLP 2025)", "2502.14482"),
+    Entry("form", "nlora", "lorakit.forms.slora:NLoRA", "NLoRA: Nyström-Initiated Low-Rank Adaptation for LLMs (Guo et al., Findings of EMNLP 2025)", "2502.14482"),
+    Entry("form", "inttune", "lorakit.forms.slora:IntTune", "IntermediateTune, in NLoRA: Nyström-Initiated Low-Rank Adaptation for LLMs (Guo et al., Findings of EMNLP 2025)", "2502.14482"),
+    Entry("init", "nystrom", "lorakit.inits.nystrom:NystromInit", "Nyström init of NLoRA: A = W[:r,:], B = W[:,:r], N = W[:r,:r] or its pinv (Guo et al., Findings of EMNLP 2025)", "2502.14482"),
     # forms-group-B (dylora, loldu, block_lora)
+    Entry("form", "dylora", "lorakit.forms.dylora:DyLoRA", "DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic Search-Free Low-Rank Adaptation (Valipour et al., EACL 2023)", "2210.07558"),
+    Entry("strategy", "dylora", "lorakit.strategies.dylora:DyLoRARankSampling", "DyLoRA rank sampling: b ~ U{1..r_max} per step, one rank model-wide (Valipour et al., EACL 2023)", "2210.07558"),
+    Entry("form", "loldu", "lorakit.forms.loldu:LoLDU", "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning (Shi et al., 2024)", "2410.13618"),
+    Entry("form", "block_lora", "lorakit.forms.block_lora:BlockLoRA", "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning (Zhou et al., 2025)", "2501.16720"),
     # forms-group-C (bone, miss, shira)
+    Entry("form", "bone", "lorakit.forms.miss:Bone", "Bone: Block-Affine Adaptation of Large Language Models (Kang, 2024); PEFT MiSS init_weights='bat'", "2409.15371"),
+    Entry("form", "miss", "lorakit.forms.miss:MiSS", "MiSS: Balancing LoRA Performance and Efficiency with Simple Shard Sharing (Kang, 2024/2025)", "2409.15371"),
+    Entry("form", "shira", "lorakit.forms.shira:Shira", "Sparse High Rank Adapters (Bhardwaj et al., NeurIPS 2024)", "2406.13175"),
+    Entry("init", "shira_grad", "lorakit.inits.shira_masks:ShiraGradMask", "SHiRA-Grad mask: top-k accumulated abs(dL/dW) on calibration data (Bhardwaj et al., NeurIPS 2024)", "2406.13175"),
+    Entry("init", "shira_snip", "lorakit.inits.shira_masks:ShiraSnipMask", "SHiRA-SNIP mask: top-k abs(W * dL/dW) on calibration data (Bhardwaj et al., NeurIPS 2024)", "2406.13175"),
     # forms-group-D (flylora, smora, nola)
+    Entry("form", "flylora", "lorakit.forms.flylora:FlyLoRA", "FlyLoRA: Boosting Task Decoupling and Parameter Efficiency via Implicit Rank-Wise Mixture-of-Experts (Zou et al., NeurIPS 2025)", "2510.08396"),
+    Entry("form", "smora", "lorakit.forms.smora:SMoRA", "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for Multi-Task Learning (Zhao et al., 2025)", "2501.15103"),
+    Entry("form", "nola", "lorakit.forms.nola:NOLA", "NOLA: Compressing LoRA using Linear Combination of Random Basis (Koohpayegani et al., ICLR 2024)", "2310.02556"),
     # forms-group-E (randlora)
+    Entry("form", "randlora", "lorakit.forms.randlora:RandLoRA", "RandLoRA: Full-rank parameter-efficient fine-tuning of large models (Albert et al., ICLR 2025)", "2502.00987"),
     Entry("init", "default", "lorakit.inits.basic:DefaultInit", "The form's own paper initialization", "-"),
     Entry("init", "kaiming", "lorakit.inits.basic:KaimingInit", "LoRA default: A ~ Kaiming-uniform, B = 0 (Hu et al., 2021)", "2106.09685"),
     Entry("init", "gaussian", "lorakit.inits.basic:GaussianInit", "LoRA with A ~ N(0, 1/r), B = 0 (Hu et al., 2021)", "2106.09685"),

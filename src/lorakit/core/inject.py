@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.core import registry
+from lorakit.core.caps import Cap
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.spec import AdapterSpec, build_args
 from lorakit.forms.base import Form, is_conv1d
@@ -92,6 +93,11 @@ def build_forms(model: nn.Module, spec: AdapterSpec, paths: Sequence[str]) -> di
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         args = build_args(cls.Args, spec.args_for(path), owner=f"form {cls.name!r}")
         forms[path] = cls(base, args)
+        forms[path].bind_path(path)
+    if Cap.SHARED_TENSORS in cls.caps and forms:  # one set of model-level tensors for all the layers
+        shared = cls.build_shared(forms)
+        for form in forms.values():
+            form.bind_shared(shared)
     return forms
 
 
@@ -105,9 +111,9 @@ def install(model: nn.Module, name: str, spec: AdapterSpec, forms: dict[str, For
     for path, form in forms.items():
         module = model.get_submodule(path)
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module)
+            module = AdaptedLayer(module).train(module.training)
             _set_submodule(model, path, module)
-        module.adapters[name] = form
+        module.adapters[name] = form.train(module.training)  # a new adapter follows the model's mode
         module.active = active_adapters(model)
     specs(model)[name] = spec
     if activate:

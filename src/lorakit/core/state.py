@@ -32,6 +32,7 @@ LEGACY_TENSORS_FILE = "adapter_model.bin"
 PEFT_CONFIG_FILE = "adapter_config.json"
 LORAKIT_FILE = "lorakit.json"
 KEY_PREFIX = "base_model.model."
+MODEL_KEY_PREFIX = "base_model."  # PEFT's prefix for model-level tensors shared by all layers
 FORMAT_VERSION = 1
 
 
@@ -48,6 +49,8 @@ class AdapterState:
     """Everything needed to rebuild one adapter on a base model.
 
     ``tensors`` maps ``"<module path>.<suffix>"`` to fp32 tensors (suffix = the form's file key).
+    Tensors shared by all layers (``Form.shared_names``) are keyed by their bare name (files:
+    ``base_model.<name>``); PEFT's per-layer copies of them (``<module path>.<name>``) may be there too.
     """
 
     spec: AdapterSpec
@@ -66,7 +69,18 @@ class AdapterState:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in self.tensors.items():
             path, name = cls.split_key(key)
-            out.setdefault(path, {})[name] = tensor
+            if name not in cls.shared_names:
+                out.setdefault(path, {})[name] = tensor
+        return out
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's model-level shared tensors (name -> tensor), from a per-layer copy if need be."""
+        cls = self.form_class()
+        out = {}
+        for key, tensor in self.tensors.items():
+            name = cls.split_key(key)[1]
+            if name in cls.shared_names and (key == name or name not in out):
+                out[name] = tensor
         return out
 
     @property
@@ -92,7 +106,8 @@ def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cls = state.form_class()
-    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
+    tensors = {(MODEL_KEY_PREFIX if k in cls.shared_names else KEY_PREFIX) + k:
+               v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
     # Everything is built in temp files first; nothing replaces the previous files unless all of it
     # worked. The renames then go tensors, PEFT config, lorakit.json (contexts exit in reverse).
     config = peft_io.peft_config(state, base_model_name) if cls.peft_type is not None else None
@@ -181,6 +196,9 @@ def load_state(adapter_dir: str | Path) -> AdapterState:
 
 
 def _strip(key: str, where: Path) -> str:
+    rest = key.removeprefix(MODEL_KEY_PREFIX)
+    if rest != key and "." not in rest:
+        return rest  # a model-level tensor shared by all layers (Form.shared_names)
     if not key.startswith(KEY_PREFIX):
         raise AdapterFileError(f"{where / TENSORS_FILE}: unexpected tensor key {key!r} "
                                f"(expected the PEFT prefix {KEY_PREFIX!r})")

