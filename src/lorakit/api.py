@@ -18,7 +18,7 @@ from lorakit.core.inject import (
     install,
     specs,
 )
-from lorakit.core.layer import AdaptedLayer
+from lorakit.core.layer import AdaptedLayer, set_initial_tensors
 from lorakit.core.state import AdapterState, BaseMismatchError, check_base, load_state, save_state
 from lorakit.forms.base import is_conv1d
 
@@ -26,17 +26,18 @@ from lorakit.forms.base import is_conv1d
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """Cheap identity of a base model (architecture + a hash of a few weights).
 
-    Merged adapters are taken out of the weights for the duration (the base's identity must not
-    depend on what is merged into it); the original weight tensors are put back untouched.
+    Merged adapters and base rewrites of inits are taken out of the weights for the duration (the
+    base's identity must not depend on them); the weight tensors are put back untouched.
     """
     from lorakit.models import model_fingerprint
 
     swapped = []
     try:
         for _, layer in adapted_layers(model):
-            if layer.merged:
+            rewritten = any(getattr(f, "initial_tensors", None) for f in layer.adapters.values())
+            if layer.merged or rewritten:
                 w = layer.base_layer.weight
-                base = layer.base_weight_out_in()
+                base = layer.base_weight_out_in(original=True)
                 swapped.append((w, w.data))
                 w.data = base.T if is_conv1d(layer.base_layer) else base
         return model_fingerprint(model)
@@ -71,18 +72,32 @@ def extract_state(model: nn.Module, name: str = "default") -> AdapterState:
             tensors[tname] = tensor.detach().to("cpu").float().clone()
             for path in forms if shared.layer_copies else ():  # PEFT's layout also has per-layer copies
                 tensors[f"{path}.{forms[path].tensor_key(tname)}"] = tensors[tname].clone()
+    initial = {f"{path}.{form.tensor_key(tname)}": tensor.detach().to("cpu").clone()
+               for path, form in forms.items() for tname, tensor in (getattr(form, "initial_tensors", None)
+                                                                      or {}).items()}
     modules = sorted(forms)
     conv1d = {is_conv1d(model.get_submodule(p).base_layer) for p in modules}
     meta = {"peft_target_modules": _leaf_targets(model, modules), "fan_in_fan_out": conv1d == {True}}
     base = fingerprint(model)
     base["name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    return AdapterState(spec=specs(model)[name], tensors=tensors, base=base, meta=meta)
+    return AdapterState(spec=specs(model)[name], tensors=tensors, base=base, meta=meta, initial=initial)
 
 
 def save(model: nn.Module, out_dir: str | Path, name: str = "default", *,
          base_model_name: str | None = None) -> Path:
-    """Save adapter ``name`` of ``model`` to ``out_dir`` in PEFT layout (+ lorakit.json)."""
-    return save_state(extract_state(model, name), out_dir, base_model_name=base_model_name)
+    """Save adapter ``name`` of ``model`` to ``out_dir`` in PEFT layout (+ lorakit.json).
+
+    If the adapter's init rewrote the base weights (PiSSA, LoRA-GA, ...), the PEFT files hold the
+    equivalent adapter for the ORIGINAL base (``lorakit.io.export.export_for_original_base``, exact
+    up to float error), and lorakit's own files keep the adapter and its initial tensors.
+    """
+    state = extract_state(model, name)
+    peft_state = None
+    if state.initial:
+        from lorakit.io.export import export_for_original_base
+
+        peft_state, _ = export_for_original_base(model, name)
+    return save_state(state, out_dir, base_model_name=base_model_name, peft_state=peft_state)
 
 
 def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
@@ -107,6 +122,7 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
         forms = build_forms(model, state.spec, paths)
     except (ValueError, TypeError) as e:
         raise BaseMismatchError(f"{where}: {e}") from e
+    initial_by_module = dataclasses.replace(state, tensors=state.initial).by_module() if state.initial else {}
     for path, form in forms.items():
         expected = form.save_tensors()
         got = by_module[path]
@@ -118,6 +134,10 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
                 problems.append(f"{path}.{tname}: shape {tuple(got[tname].shape)} in the file, "
                                 f"{tuple(ref.shape)} expected by the model")
         if not problems:
+            initial = initial_by_module.get(path)
+            if initial is not None:  # a base-rewriting init: the form remembers where it started
+                set_initial_tensors(form, {k: v.to(expected[k].device, expected[k].dtype)
+                                           for k, v in initial.items()})
             form.load_tensors({k: v.to(expected[k].device, expected[k].dtype) for k, v in got.items()})
     shared, given = (next(iter(forms.values())).shared if forms else None), state.shared_tensors()
     if given:  # model-level tensors (Cap.SHARED_TENSORS); without them they stay as built from the args
@@ -134,7 +154,10 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
         for form in forms.values():
             form.requires_grad_(False)
     spec = dataclasses.replace(state.spec)
-    return install(model, name, spec, forms, activate=activate, trainable=trainable)
+    install(model, name, spec, forms, activate=activate, trainable=trainable)
+    for path, form in forms.items():  # redo the init's base rewrite W ← W − ΔW0 on the original base
+        model.get_submodule(path).rewrite_base(form)
+    return model
 
 
 def load(model: nn.Module, adapter_dir: str | Path, name: str = "default", *,

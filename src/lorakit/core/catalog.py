@@ -49,5 +49,6 @@ CATALOG: tuple[Entry, ...] = (
     Entry("form", "randlora", "lorakit.forms.randlora:RandLoRA", "RandLoRA: Full-rank parameter-efficient fine-tuning of large models (Albert et al., ICLR 2025)", "2502.00987"),
     Entry("init", "default", "lorakit.inits.basic:DefaultInit", "The form's own paper initialization", "-"),
     Entry("init", "kaiming", "lorakit.inits.basic:KaimingInit", "LoRA default: A ~ Kaiming-uniform, B = 0 (Hu et al., 2021)", "2106.09685"),
+    Entry("init", "pissa", "lorakit.inits.pissa:PiSSAInit", "PiSSA: Principal Singular Values and Singular Vectors Adaptation of LLMs (Meng et al., NeurIPS 2024)", "2404.02948"),
     Entry("init", "gaussian", "lorakit.inits.basic:GaussianInit", "LoRA with A ~ N(0, 1/r), B = 0 (Hu et al., 2021)", "2106.09685"),
 )  # fmt: skip

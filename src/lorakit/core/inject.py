@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,11 +125,13 @@ def install(model: nn.Module, name: str, spec: AdapterSpec, forms: dict[str, For
 
 
 def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "default", *,
-           seed: int | None = None, activate: bool = True, trainable: bool = True) -> nn.Module:
+           seed: int | None = None, activate: bool = True, trainable: bool = True,
+           batches: Iterable[Any] | None = None, loss_fn: Any = None) -> nn.Module:
     """Add adapter ``name`` described by ``spec`` to ``model`` in place and return the model.
 
     The base model is frozen; only the new adapter's trainable tensors require grad (when
-    ``trainable``). ``seed`` makes the adapter's random init reproducible.
+    ``trainable``). ``seed`` makes the adapter's random init reproducible. Data-driven inits read
+    ``batches`` (calibration data) and ``loss_fn(model, batch)`` (default: causal-LM loss).
     """
     from lorakit.inits.base import initialize
 
@@ -144,7 +147,11 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
             torch.manual_seed(seed)
         install(model, name, spec, build_forms(model, spec, paths), activate=activate, trainable=False)
         if init.name != "default":
-            initialize(model, name, init)
+            try:
+                initialize(model, name, init, batches, loss_fn=loss_fn)
+            except BaseException:
+                delete(model, name)  # a failed init leaves the model as it was
+                raise
     if trainable:
         mark_trainable(model, name)
     return model

@@ -85,14 +85,29 @@ class AdaptedLayer(nn.Module):
             self.base_layer.bias = None  # back to the original bias-free layer (same state_dict keys)
             self._bias_added = False
 
-    def base_weight_out_in(self) -> torch.Tensor:
-        """The base weight (out, in) without the merged adapters; the base layer is not modified."""
+    def base_weight_out_in(self, original: bool = False) -> torch.Tensor:
+        """The base weight (out, in) without the merged adapters; with ``original``, also without the
+        rewrites of base-rewriting inits (the pretrained weight). The base layer is not modified."""
         w = self._weight_out_in()
         with torch.no_grad():
             for name in reversed(self.merged):
                 form = self.adapters[name]
                 w = form.unmerged_weight(w.to(_dtype(form)))
+            for form in self.adapters.values() if original else ():
+                offset = initial_delta(form)
+                if offset is not None:
+                    w = w + offset[0].to(w.dtype)
         return w.to(self.base_layer.weight.dtype)
+
+    def rewrite_base(self, form: Form, sign: float = -1.0) -> None:
+        """W ← W + sign·ΔW0 (and the bias), ΔW0 = the form's update at its initial tensors: a
+        base-rewriting init keeps the model's output unchanged at init this way (W_res = W − ΔW0)."""
+        offset = initial_delta(form)
+        if offset is None:
+            return
+        with torch.no_grad():
+            self._write_weight(self._weight_out_in() + sign * offset[0].to(self.base_layer.weight.dtype))
+            self._add_bias(offset[1], sign=sign)
 
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -131,3 +146,28 @@ def _apply(form: Form, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if x.dtype == dtype and out.dtype == dtype:
         return form.apply(x, out)
     return form.apply(x.to(dtype), out.to(dtype)).to(out.dtype)
+
+
+def initial_delta(form: Form) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(ΔW0, Δb0) of a form at the tensors a base-rewriting init gave it (``form.initial_tensors``),
+    or None. Computed by loading those tensors for a moment, so any form works."""
+    initial = getattr(form, "initial_tensors", None)
+    if not initial:
+        return None
+    current = {k: v.detach().clone() for k, v in form.save_tensors().items()}
+    with torch.no_grad():
+        form.load_tensors(initial)
+        try:
+            delta = form.delta_weight().detach().clone()
+            bias = form.delta_bias()
+            bias = None if bias is None else bias.detach().clone()
+        finally:
+            form.load_tensors(current)
+    return delta, bias
+
+
+def set_initial_tensors(form: Form, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Record the form's initial tensors (default: its current ones) as a plain attribute: they are
+    saved with the adapter (``AdapterState.initial``) but are not parameters or buffers."""
+    snapshot = tensors if tensors is not None else form.save_tensors()
+    object.__setattr__(form, "initial_tensors", {k: v.detach().clone() for k, v in snapshot.items()})

@@ -28,6 +28,10 @@ from lorakit.core.spec import AdapterSpec
 from lorakit.forms.base import Form
 
 TENSORS_FILE = "adapter_model.safetensors"
+# An adapter whose init rewrote the base keeps its own tensors here; adapter_model.safetensors then
+# holds the PEFT export for the ORIGINAL base.
+NATIVE_TENSORS_FILE = "lorakit_adapter.safetensors"
+INITIAL_TENSORS_FILE = "lorakit_initial.safetensors"
 LEGACY_TENSORS_FILE = "adapter_model.bin"
 PEFT_CONFIG_FILE = "adapter_config.json"
 LORAKIT_FILE = "lorakit.json"
@@ -57,6 +61,9 @@ class AdapterState:
     tensors: dict[str, torch.Tensor]
     base: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # Tensors a base-rewriting init started from (same keys as ``tensors``); empty otherwise. With
+    # them, loading onto the original base redoes W ← W − ΔW0 and the trained adapter is exact.
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def form_class(self) -> type[Form]:
         from lorakit.core import registry
@@ -99,34 +106,60 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str | None = None) -> Path:
-    """Write ``state`` into ``out_dir`` (PEFT layout + lorakit.json), atomically per file."""
+def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str | None = None,
+               peft_state: AdapterState | None = None) -> Path:
+    """Write ``state`` into ``out_dir`` (PEFT layout + lorakit.json), atomically.
+
+    ``peft_state`` (for adapters whose init rewrote the base) is the equivalent adapter for the
+    original base: it becomes the PEFT files, and ``state`` is kept in lorakit's own files.
+    """
     from lorakit.io import peft as peft_io
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cls = state.form_class()
-    tensors = {(MODEL_KEY_PREFIX if k in cls.shared_names else KEY_PREFIX) + k:
-               v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
+    if state.initial and peft_state is None:
+        warnings.warn("this adapter's init rewrote the base weights; without a PEFT export for the original "
+                      "base (lorakit.save(model, ...) makes one), only lorakit can load it", stacklevel=2)
+    split = bool(state.initial) or peft_state is not None
+    peft_side = peft_state if peft_state is not None else (None if split else state)
+    files: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    if peft_side is not None:
+        files["peft"] = (TENSORS_FILE, _file_tensors(peft_side, peft_side.tensors))
+    if split:
+        files["native"] = (NATIVE_TENSORS_FILE, _file_tensors(state, state.tensors))
+        if state.initial:
+            files["initial"] = (INITIAL_TENSORS_FILE, _file_tensors(state, state.initial))
+    peft_cls = peft_side.form_class() if peft_side is not None else None
+    config = (peft_io.peft_config(peft_side, base_model_name)
+              if peft_cls is not None and peft_cls.peft_type is not None else None)
     # Everything is built in temp files first; nothing replaces the previous files unless all of it
     # worked. The renames then go tensors, PEFT config, lorakit.json (contexts exit in reverse).
-    config = peft_io.peft_config(state, base_model_name) if cls.peft_type is not None else None
     with contextlib.ExitStack() as stack:
         info_tmp = stack.enter_context(atomic.atomic_path(out / LORAKIT_FILE))
         config_tmp = (None if config is None
                       else stack.enter_context(atomic.atomic_path(out / PEFT_CONFIG_FILE)))
-        tensors_tmp = stack.enter_context(atomic.atomic_path(out / TENSORS_FILE))
-        save_file(tensors, str(tensors_tmp), metadata={"format": "pt"})
+        sums = {}
+        for role, (name, tensors) in files.items():
+            tmp = stack.enter_context(atomic.atomic_path(out / name))
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            sums[role] = _sha256(tmp)
         if config_tmp is not None:
             config_tmp.write_bytes(_json_bytes(config))
-        info_tmp.write_bytes(_json_bytes({
-            "format_version": FORMAT_VERSION,
-            "spec": state.spec.to_dict(),
-            "base": state.base,
-            "meta": state.meta,
-            "tensors_sha256": _sha256(tensors_tmp),
-        }))
+        info = {"format_version": FORMAT_VERSION, "spec": state.spec.to_dict(), "base": state.base,
+                "meta": state.meta, "tensors_sha256": sums.get("native", sums.get("peft"))}
+        if split:
+            info["files"] = {role: name for role, (name, _) in files.items()}
+            info["sha256"] = sums
+            if peft_state is not None:
+                info["peft_export"] = {"form": peft_state.spec.form, **peft_state.meta.get("export", {})}
+        info_tmp.write_bytes(_json_bytes(info))
     return out
+
+
+def _file_tensors(state: AdapterState, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cls = state.form_class()
+    return {(MODEL_KEY_PREFIX if k in cls.shared_names else KEY_PREFIX) + k: v.detach().to("cpu").contiguous()
+            for k, v in tensors.items()}
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -143,9 +176,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def read_tensors(adapter_dir: Path, name: str = TENSORS_FILE) -> dict[str, torch.Tensor]:
     """Tensors of an adapter folder (safetensors; a legacy .bin only with weights_only=True)."""
-    path = adapter_dir / TENSORS_FILE
+    path = adapter_dir / name
+    if not path.exists() and name != TENSORS_FILE:
+        raise AdapterFileError(f"{path}: missing (listed in {LORAKIT_FILE})")
     if path.exists():
         try:
             return load_file(str(path))
@@ -184,15 +219,26 @@ def load_state(adapter_dir: str | Path) -> AdapterState:
     if info["format_version"] > FORMAT_VERSION:
         raise AdapterFileError(f"{d / LORAKIT_FILE}: format version {info['format_version']} is newer than "
                                f"this lorakit understands ({FORMAT_VERSION}); upgrade lorakit")
-    if (d / TENSORS_FILE).exists() and info.get("tensors_sha256") not in (None, _sha256(d / TENSORS_FILE)):
-        raise AdapterFileError(f"{d / TENSORS_FILE}: content does not match the checksum in {LORAKIT_FILE} "
-                               "(file changed or a save was interrupted)")
+    files = info.get("files") or {"native": TENSORS_FILE}
+    sums = info.get("sha256") or {"native": info.get("tensors_sha256")}
+    if not isinstance(files, dict) or "native" not in files and "peft" not in files:
+        raise AdapterFileError(f"{d / LORAKIT_FILE}: invalid 'files' field {files!r}")
+    native = files.get("native", files.get("peft"))
+    for role, name in files.items():
+        expected = sums.get(role)
+        if (d / name).exists() and expected not in (None, _sha256(d / name)):
+            raise AdapterFileError(f"{d / name}: content does not match the checksum in {LORAKIT_FILE} "
+                                   "(file changed or a save was interrupted)")
     try:
         spec = AdapterSpec.from_dict(info["spec"])
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{d / LORAKIT_FILE}: invalid spec ({e})") from e
-    tensors = {_strip(k, d): v.float() if v.is_floating_point() else v for k, v in read_tensors(d).items()}
-    return AdapterState(spec=spec, tensors=tensors, base=info.get("base", {}), meta=info.get("meta", {}))
+    def read(name: str) -> dict[str, torch.Tensor]:
+        return {_strip(k, d): v.float() if v.is_floating_point() else v for k, v in read_tensors(d, name).items()}
+
+    initial = read(files["initial"]) if "initial" in files else {}
+    return AdapterState(spec=spec, tensors=read(native), base=info.get("base", {}), meta=info.get("meta", {}),
+                        initial=initial)
 
 
 def _strip(key: str, where: Path) -> str:

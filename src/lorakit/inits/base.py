@@ -16,8 +16,9 @@ class Init:
     the form capabilities it relies on (checked once, before any work)."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[Cap] = Cap.NONE
+    needs: ClassVar[Cap] = Cap.NONE  # NEEDS_DATA, NEEDS_GRAD, REWRITES_BASE
     requires: ClassVar[Cap] = Cap.NONE
+    loss_fn: Any = None  # set by initialize(): loss_fn(model, batch) for gradient passes
 
     def __init__(self, **args: Any) -> None:
         if args:
@@ -39,13 +40,25 @@ class Init:
 
 
 def initialize(model: nn.Module, adapter_name: str, init: Init,
-               batches: Iterable[Any] | None = None) -> None:
-    """Run ``init`` on every layer that holds ``adapter_name``."""
+               batches: Iterable[Any] | None = None, *, loss_fn: Any = None) -> None:
+    """Run ``init`` on every layer that holds ``adapter_name``.
+
+    Data-driven inits read ``batches`` (and ``loss_fn(model, batch)`` for gradients; default: the
+    causal-LM loss). Inits declaring ``Cap.REWRITES_BASE`` leave the model's output unchanged by
+    rewriting the base weight W ← W − ΔW0; the initial tensors are recorded so that saving exports an
+    adapter for the ORIGINAL base, and loading onto the original base redoes the rewrite.
+    """
     from lorakit.core.inject import adapted_layers
+    from lorakit.core.layer import set_initial_tensors
 
     layers = {path: layer for path, layer in adapted_layers(model) if adapter_name in layer.adapters}
     if init.needs & (Cap.NEEDS_DATA | Cap.NEEDS_GRAD) and batches is None:
         raise ValueError(f"init {init.name!r} needs calibration batches; pass batches=...")
+    init.loss_fn = loss_fn
     stats = init.collect(model, {p: layer.base_layer for p, layer in layers.items()}, batches)
     for path, layer in layers.items():
-        init.apply(layer.adapters[adapter_name], layer.base_layer, None if stats is None else stats.get(path))
+        form = layer.adapters[adapter_name]
+        init.apply(form, layer.base_layer, None if stats is None else stats.get(path))
+        if Cap.REWRITES_BASE in init.needs:
+            set_initial_tensors(form)
+            layer.rewrite_base(form)

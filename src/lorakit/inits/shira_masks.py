@@ -29,35 +29,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form, is_conv1d, weight_out_in
+from lorakit.forms.base import Form, weight_out_in
 from lorakit.inits.base import Init
+from lorakit.inits.calibration import weight_gradients
 
 ACCUMULATE = ("sum", "abs")
-
-
-def calibration_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Causal-LM loss of ``model`` on one calibration batch (dict of inputs or a tensor of ids)."""
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise TypeError("calibration batches must be dicts with 'input_ids' or tensors of token ids, "
-                        f"got {type(batch).__name__}")
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-              if k in ("input_ids", "attention_mask", "labels")}
-    if "labels" not in inputs:
-        labels = inputs["input_ids"]
-        if "attention_mask" in inputs:
-            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-        inputs["labels"] = labels
-    loss = model(**inputs).loss
-    if loss is None:
-        raise ValueError("the model returned no loss for a calibration batch")
-    return loss
 
 
 class _GradientMask(Init):
@@ -82,45 +61,14 @@ class _GradientMask(Init):
                              "has no select_top(scores) (use form 'shira')")
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
-        from lorakit.core.inject import disabled
-
-        weights = {path: layer.weight for path, layer in layers.items()}
-        saved = {path: (w.requires_grad, w.grad) for path, w in weights.items()}
-        acc = {path: torch.zeros(weight_out_in(layer).shape, dtype=torch.float32, device=layer.weight.device)
-               for path, layer in layers.items()}
-        was_training = model.training
-        seen = 0
-        try:
-            model.eval()
-            for w in weights.values():
-                w.requires_grad_(True)
-                w.grad = None
-            with disabled(model), torch.enable_grad():
-                for batch in batches or ():
-                    if self.max_batches is not None and seen >= self.max_batches:
-                        break
-                    calibration_loss(model, batch).backward()
-                    seen += 1
-                    for path, layer in layers.items():
-                        grad = weights[path].grad
-                        if grad is None:
-                            continue
-                        g = (grad.T if is_conv1d(layer) else grad).float()
-                        acc[path] += g.abs() if self.accumulate == "abs" else g
-                        weights[path].grad = None
-                if seen == 0:
-                    raise ValueError(f"init {self.name!r}: the calibration batches were empty")
-                scores = {}
-                for path, layer in layers.items():
-                    score = acc[path].abs()
-                    if self.weighted:
-                        score = score * weight_out_in(layer).detach().float().abs()
-                    scores[path] = score
-        finally:
-            for path, w in weights.items():
-                w.requires_grad_(saved[path][0])
-                w.grad = saved[path][1]
-            model.train(was_training)
+        grads = weight_gradients(model, layers, batches, reduce=self.accumulate, max_batches=self.max_batches,
+                                 desc=f"{self.name} gradients")
+        scores = {}
+        for path, layer in layers.items():
+            score = grads[path].abs()
+            if self.weighted:
+                score = score * weight_out_in(layer).detach().float().abs()
+            scores[path] = score
         return scores
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
