@@ -130,8 +130,13 @@ def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str
         if state.initial:
             files["initial"] = (INITIAL_TENSORS_FILE, _file_tensors(state, state.initial))
     peft_cls = peft_side.form_class() if peft_side is not None else None
-    config = (peft_io.peft_config(peft_side, base_model_name)
-              if peft_cls is not None and peft_cls.peft_type is not None else None)
+    config = None
+    if peft_cls is not None and peft_cls.peft_type is not None:
+        try:
+            config = peft_io.peft_config(peft_side, base_model_name)
+        except peft_io.PeftIncompatibleError as e:
+            warnings.warn(f"{out}: no {PEFT_CONFIG_FILE} written, only lorakit can load this adapter: {e}",
+                          stacklevel=2)
     # Everything is built in temp files first; nothing replaces the previous files unless all of it
     # worked. The renames then go tensors, PEFT config, lorakit.json (contexts exit in reverse).
     with contextlib.ExitStack() as stack:

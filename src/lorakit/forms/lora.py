@@ -98,7 +98,7 @@ class LoRA(Form):
 
     @classmethod
     def peft_config(cls, args: LoRAArgs) -> dict[str, Any]:
-        return {"r": args.r, "lora_alpha": args.alpha, "lora_dropout": args.dropout,
+        return {"r": args.r, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "init_lora_weights": True,
                 "use_rslora": args.rslora, "lora_bias": args.bias, "bias": "none", "use_dora": False}
 
     @classmethod

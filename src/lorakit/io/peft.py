@@ -73,6 +73,10 @@ def _exact_key(path: str) -> str:
     return "^" + re.escape(path)
 
 
+class PeftIncompatibleError(ValueError):
+    """An adapter PEFT's config cannot describe faithfully (it is still saved for lorakit)."""
+
+
 def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict[str, Any]:
     cls = state.form_class()
     from lorakit.core.spec import build_args
@@ -83,12 +87,17 @@ def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict
         "task_type": state.meta.get("task_type", "CAUSAL_LM"),
         "base_model_name_or_path": base_model_name or state.base.get("name_or_path"),
         "target_modules": peft_target_modules(state),
-        "fan_in_fan_out": bool(state.meta.get("fan_in_fan_out", False)),
         "inference_mode": True,
         "modules_to_save": None,
-        "init_lora_weights": True,
         "revision": None,
     }
+    if state.meta.get("fan_in_fan_out"):  # Conv1D (GPT-2) weights are stored (in, out)
+        config["fan_in_fan_out"] = True
+    unexpressible = sorted({f for over in state.spec.module_args.values() for f in over}
+                           - set(cls.peft_patterns) - {"dropout"})
+    if unexpressible:
+        raise PeftIncompatibleError(f"per-module {unexpressible} cannot be expressed in PEFT's adapter_config.json "
+                                    f"(PEFT has per-module patterns only for {sorted(cls.peft_patterns)})")
     config.update(cls.peft_config(args))
     for field, pattern_key in cls.peft_patterns.items():
         default = getattr(args, field)
