@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_adapter
 
 import lorakit
+from conftest import randomize_adapter
 from lorakit.models import tiny_llama
 
 

@@ -33,6 +33,15 @@ CATALOG: tuple[Entry, ...] = (
     # forms-group-B (dylora, loldu, block_lora)
     Entry("form", "dylora", "lorakit.forms.dylora:DyLoRA", "DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic Search-Free Low-Rank Adaptation (Valipour et al., EACL 2023)", "2210.07558"),
     Entry("strategy", "dylora", "lorakit.strategies.dylora:DyLoRARankSampling", "DyLoRA rank sampling: b ~ U{1..r_max} per step, one rank model-wide (Valipour et al., EACL 2023)", "2210.07558"),
+    # compose/merge (linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, lego)
+    Entry("merge", "linear", "lorakit.compose.merge.linear:LinearMerge", "Exact weighted sum of ΔW (task arithmetic: Editing Models with Task Arithmetic, Ilharco et al., ICLR 2023), optional rank-k SVD", "2212.04089"),
+    Entry("merge", "cat", "lorakit.compose.merge.cat:CatMerge", "Concatenation of weighted factors, exact at rank Σr (PEFT's cat)", "-"),
+    Entry("merge", "svd", "lorakit.compose.merge.svd:SVDMerge", "Best rank-k (Eckart–Young) truncation of the exact weighted sum (PEFT's svd)", "-"),
+    Entry("merge", "ties", "lorakit.compose.merge.ties:TiesMerge", "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023), on ΔW, rank-k SVD", "2306.01708"),
+    Entry("merge", "dare_linear", "lorakit.compose.merge.dare:DareLinearMerge", "DARE + sum: Language Models are Super Mario (Yu et al., ICML 2024), on ΔW, rank-k SVD", "2311.03099"),
+    Entry("merge", "dare_ties", "lorakit.compose.merge.dare:DareTiesMerge", "DARE + TIES (Yu et al., ICML 2024; Yadav et al., NeurIPS 2023), on ΔW, rank-k SVD", "2311.03099, 2306.01708"),
+    Entry("merge", "magnitude_prune", "lorakit.compose.merge.magnitude_prune:MagnitudePruneMerge", "Magnitude pruning of each ΔW, then sum, rank-k SVD (PEFT's magnitude_prune_svd)", "-"),
+    Entry("merge", "lego", "lorakit.compose.merge.lego:LegoMerge", "LoRA-LEGO: Merging LoRAs like Playing LEGO via rank-wise clustering of Minimal Semantic Units (Zhao et al., ICLR 2025)", "2409.16167"),
     Entry("form", "loldu", "lorakit.forms.loldu:LoLDU", "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning (Shi et al., 2024)", "2410.13618"),
     Entry("form", "block_lora", "lorakit.forms.block_lora:BlockLoRA", "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning (Zhou et al., 2025)", "2501.16720"),
     # forms-group-C (bone, miss, shira)
