@@ -317,6 +317,40 @@ def export(
                f"{report.relative_error:.3e} overall, worst {worst[1]:.3e} ({worst[0]})")
 
 
+@app.command("merge")
+def merge_adapters(
+    adapters: Annotated[list[Path], typer.Argument(help="adapter folders (lorakit or PEFT), same base and targets")],
+    out: Annotated[Path, typer.Option(help="output folder (a PEFT-format LoRA)")],
+    method: Annotated[str, typer.Option(help="merge method (`lorakit methods --axis merge`)")] = "lego",
+    k: Annotated[int | None, typer.Option("--k", help="output rank (methods that truncate or cluster)")] = None,
+    weights: Annotated[str | None, typer.Option(help="comma-separated weights, one per adapter (default 1)")] = None,
+    method_arg: Annotated[list[str] | None, typer.Option(help="method argument k=v (repeatable)")] = None,
+) -> None:
+    """Merge several LoRA adapters into one (LoRA-LEGO, linear, cat, svd, TIES, DARE, ...)."""
+    from lorakit.compose.merge import merge, summary
+    from lorakit.core.registry import UnknownMethodError
+    from lorakit.core.state import AdapterFileError, save_state
+
+    args = _parse_kv(method_arg, "--method-arg")
+    if k is not None:
+        args["k"] = k
+    try:
+        w = None if weights is None else [float(x) for x in weights.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--weights expects comma-separated numbers, got {weights!r}")
+    try:
+        state = merge(adapters, method, w, progress=True, **args)
+    except (AdapterFileError, UnknownMethodError, ValueError, TypeError) as e:
+        _fail(str(e))
+    save_state(state, out)
+    typer.echo(f"{summary(state)} -> {out}")
+
+
+from lorakit.federated.cli import fed_app  # noqa: E402  (federated: `lorakit fed simulate|app|show`)
+
+app.add_typer(fed_app, name="fed")
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

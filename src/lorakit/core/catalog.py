@@ -33,7 +33,13 @@ CATALOG: tuple[Entry, ...] = (
     # forms-group-B (dylora, loldu, block_lora)
     Entry("form", "dylora", "lorakit.forms.dylora:DyLoRA", "DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic Search-Free Low-Rank Adaptation (Valipour et al., EACL 2023)", "2210.07558"),
     Entry("strategy", "dylora", "lorakit.strategies.dylora:DyLoRARankSampling", "DyLoRA rank sampling: b ~ U{1..r_max} per step, one rank model-wide (Valipour et al., EACL 2023)", "2210.07558"),
-    # compose/merge (linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, lego)
+    # strategies issue 5 (allora, lora_pro, lisa, increlora)
+    Entry("strategy", "allora", "lorakit.strategies.allora:ALLoRA", "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws (Huang & Balestriero, 2024)", "2410.09692"),
+    Entry("strategy", "lora_pro", "lorakit.strategies.lora_pro:LoRAPro", "LoRA-Pro: Are Low-Rank Adapters Properly Optimized? (Wang & Liang, ICLR 2025)", "2407.18242"),
+    Entry("strategy", "lisa", "lorakit.strategies.lisa:LISA", "LISA: Layerwise Importance Sampling for Memory-Efficient LLM Fine-Tuning (Pan et al., NeurIPS 2024)", "2403.17919"),
+    Entry("form", "increlora", "lorakit.forms.increlora:IncreLoRA", "IncreLoRA form: growing B·diag(E)·A with reserve ranks (Zhang et al., 2023)", "2308.12043"),
+    Entry("strategy", "increlora", "lorakit.strategies.increlora:IncreLoRARankGrowth", "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning (Zhang et al., 2023)", "2308.12043"),
+    # compose/merge (linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, lego, lorahub)
     Entry("merge", "linear", "lorakit.compose.merge.linear:LinearMerge", "Exact weighted sum of ΔW (task arithmetic: Editing Models with Task Arithmetic, Ilharco et al., ICLR 2023), optional rank-k SVD", "2212.04089"),
     Entry("merge", "cat", "lorakit.compose.merge.cat:CatMerge", "Concatenation of weighted factors, exact at rank Σr (PEFT's cat)", "-"),
     Entry("merge", "svd", "lorakit.compose.merge.svd:SVDMerge", "Best rank-k (Eckart–Young) truncation of the exact weighted sum (PEFT's svd)", "-"),
@@ -42,6 +48,12 @@ CATALOG: tuple[Entry, ...] = (
     Entry("merge", "dare_ties", "lorakit.compose.merge.dare:DareTiesMerge", "DARE + TIES (Yu et al., ICML 2024; Yadav et al., NeurIPS 2023), on ΔW, rank-k SVD", "2311.03099, 2306.01708"),
     Entry("merge", "magnitude_prune", "lorakit.compose.merge.magnitude_prune:MagnitudePruneMerge", "Magnitude pruning of each ΔW, then sum, rank-k SVD (PEFT's magnitude_prune_svd)", "-"),
     Entry("merge", "lego", "lorakit.compose.merge.lego:LegoMerge", "LoRA-LEGO: Merging LoRAs like Playing LEGO via rank-wise clustering of Minimal Semantic Units (Zhao et al., ICLR 2025)", "2409.16167"),
+    Entry("merge", "lorahub", "lorakit.compose.merge.lorahub:LoraHubMerge", "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition (Huang et al., COLM 2024); gradient-free weight search", "2307.13269"),
+    # compose/route (meteora, lora_mixer, reclora) and compose/retrieve (autolora)
+    Entry("route", "meteora", "lorakit.compose.route.meteora:MeteoRA", "MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models (Xu, Lai, Huang, ICLR 2025); per-linear top-k gates, gate CE", "2405.13053"),
+    Entry("route", "lora_mixer", "lorakit.compose.route.lora_mixer:LoRAMixer", "LoRA-Mixer: Coordinate Modular LoRA Experts Through Serial Attention Routing (Li et al., ICLR 2026)", "2507.00029"),
+    Entry("route", "reclora", "lorakit.compose.route.reclora:RecLoRA", "RecLoRA: Lifelong Personalized Low-Rank Adaptation of LLMs for Recommendation (Zhu et al., 2024); per-user meta-LoRA mixture", "2408.03533"),
+    Entry("retrieve", "autolora", "lorakit.compose.retrieve.autolora:AutoLoRARetriever", "AutoLoRA: Automatic LoRA Retrieval and Fine-Grained Gated Fusion for Text-to-Image Generation (Li et al., 2025); weight-encoding retriever", "2508.02107"),
     Entry("form", "loldu", "lorakit.forms.loldu:LoLDU", "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning (Shi et al., 2024)", "2410.13618"),
     Entry("form", "block_lora", "lorakit.forms.block_lora:BlockLoRA", "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning (Zhou et al., 2025)", "2501.16720"),
     # forms-group-C (bone, miss, shira)
@@ -60,4 +72,15 @@ CATALOG: tuple[Entry, ...] = (
     Entry("init", "kaiming", "lorakit.inits.basic:KaimingInit", "LoRA default: A ~ Kaiming-uniform, B = 0 (Hu et al., 2021)", "2106.09685"),
     Entry("init", "pissa", "lorakit.inits.pissa:PiSSAInit", "PiSSA: Principal Singular Values and Singular Vectors Adaptation of LLMs (Meng et al., NeurIPS 2024)", "2404.02948"),
     Entry("init", "gaussian", "lorakit.inits.basic:GaussianInit", "LoRA with A ~ N(0, 1/r), B = 0 (Hu et al., 2021)", "2106.09685"),
+    Entry("init", "lora_ga", "lorakit.inits.lora_ga:LoRAGAInit", "LoRA-GA: Low-Rank Adaptation with Gradient Approximation (Wang et al., NeurIPS 2024)", "2407.05000"),
+    Entry("init", "lora_sb", "lorakit.inits.lora_sb:LoRASBInit", "LoRA-SB: Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning (Ponkshe et al., 2024)", "2411.19557"),
+    Entry("init", "ldu", "lorakit.inits.ldu:LDUInit", "LDU init of LoRA with residual base, from LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition (Shi et al., 2024)", "2410.13618"),
+    Entry("init", "eva", "lorakit.inits.eva:EVAInit", "EVA: One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation (Paischer et al., 2024)", "2410.07170"),
+    # federated (issue 8): aggregators of client adapters
+    Entry("federated", "fedavg", "lorakit.federated.fedavg:FedAvg", "FedAvg on LoRA factors / FedIT: Towards Building the Federated GPT: Federated Instruction Tuning (Zhang et al., ICASSP 2024)", "2305.05644, 1602.05629"),
+    Entry("federated", "flora", "lorakit.federated.flora:FLoRA", "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations (Wang et al., NeurIPS 2024)", "2409.05976"),
+    Entry("federated", "ffa", "lorakit.federated.ffa:FFA", "FFA-LoRA: Improving LoRA in Privacy-preserving Federated Learning (Sun et al., ICLR 2024)", "2403.12313"),
+    Entry("federated", "lora_fair", "lorakit.federated.lora_fair:LoRAFAIR", "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization Refinement (Bian et al., ICCV 2025)", "2411.14961"),
+    # serving (issue 7)
+    Entry("serving", "s_lora", "lorakit.serving.bank:AdapterBank", "S-LoRA: Serving Thousands of Concurrent LoRA Adapters (Sheng et al., MLSys 2024), with Punica's SGMV (Chen et al., MLSys 2024)", "2311.03285, 2310.18547"),
 )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -161,6 +162,48 @@ def adapter_modules(model: nn.Module, name: str) -> dict[str, Form]:
     """module path -> the form of adapter ``name`` on that module."""
     _require(model, name)
     return {path: layer.adapters[name] for path, layer in adapted_layers(model) if name in layer.adapters}
+
+
+def exact_pattern(path: str) -> str:
+    """A ``module_args`` pattern that matches exactly the module ``path`` (and PEFT reads the same way)."""
+    return "^" + re.escape(path)
+
+
+def override_modules(model: nn.Module, name: str, overrides: dict[str, dict[str, Any] | None]) -> AdapterSpec:
+    """Change adapter ``name`` per module: ``{path: {arg: value}}`` rebuilds that module's form with
+    those args (fresh tensors), ``{path: None}`` removes the adapter from that module. The spec records
+    it (exact-path ``module_args``; removed paths go to ``exclude``) so save/load and the PEFT export
+    (rank/alpha patterns) reproduce the new shapes. Returns the new spec."""
+    _require(model, name)
+    spec = specs(model)[name]
+    layers = {path: layer for path, layer in adapted_layers(model) if name in layer.adapters}
+    unknown = sorted(set(overrides) - set(layers))
+    if unknown:
+        raise KeyError(f"adapter {name!r} is not on module(s) {unknown[:3]}; it is on {sorted(layers)[:3]}...")
+    if any(name in layers[p].merged for p in overrides):
+        raise ValueError(f"adapter {name!r} is merged; unmerge it before changing its modules")
+    if Cap.SHARED_TENSORS in form_class(spec).caps and any(overrides.values()):
+        raise ValueError(f"form {spec.form!r} shares tensors across layers: per-module args cannot change")
+    removed = [p for p, over in overrides.items() if over is None]
+    if len(removed) == len(layers):
+        raise ValueError(f"the overrides would remove adapter {name!r} from every module")
+    module_args = dict(spec.module_args)
+    for path, over in overrides.items():
+        if over:
+            key = exact_pattern(path)  # last in order: it wins over earlier patterns (args_for)
+            module_args[key] = {**module_args.pop(key, {}), **over}
+    new = dataclasses.replace(spec, module_args=module_args, exclude=[*spec.exclude, *removed])
+    changed = [p for p, over in overrides.items() if over]
+    forms = build_forms(model, new, changed)  # validates the new args before anything changes
+    specs(model)[name] = new
+    for path in removed:
+        layer = layers[path]
+        del layer.adapters[name]
+        if not len(layer.adapters):
+            _set_submodule(model, path, layer.base_layer)
+    for path, form in forms.items():
+        layers[path].adapters[name] = form.train(layers[path].training)
+    return new
 
 
 def _require(model: nn.Module, name: str) -> None:

@@ -19,6 +19,7 @@ class Init:
     needs: ClassVar[Cap] = Cap.NONE  # NEEDS_DATA, NEEDS_GRAD, REWRITES_BASE
     requires: ClassVar[Cap] = Cap.NONE
     loss_fn: Any = None  # set by initialize(): loss_fn(model, batch) for gradient passes
+    forms: dict[str, Form] | None = None  # set by initialize(): the adapter's forms by module path
 
     def __init__(self, **args: Any) -> None:
         if args:
@@ -34,6 +35,12 @@ class Init:
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         """Gather statistics (activations, gradients) for ``apply``; data-free inits return None."""
         return None
+
+    def module_overrides(self, stats: Any) -> dict[str, dict[str, Any] | None]:
+        """Per-module form-arg changes decided from the statistics (e.g. a data-driven rank), applied
+        before ``apply``: ``{path: {arg: value}}`` rebuilds that module's form with those args, and
+        ``{path: None}`` removes the adapter from that module. Default: no change."""
+        return {}
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         raise NotImplementedError(f"init {self.name!r} must implement apply()")
@@ -55,7 +62,14 @@ def initialize(model: nn.Module, adapter_name: str, init: Init,
     if init.needs & (Cap.NEEDS_DATA | Cap.NEEDS_GRAD) and batches is None:
         raise ValueError(f"init {init.name!r} needs calibration batches; pass batches=...")
     init.loss_fn = loss_fn
+    init.forms = {p: layer.adapters[adapter_name] for p, layer in layers.items()}
     stats = init.collect(model, {p: layer.base_layer for p, layer in layers.items()}, batches)
+    overrides = init.module_overrides(stats)
+    if overrides:  # rebuild/remove forms; the spec records the per-module args (save/load, PEFT patterns)
+        from lorakit.core.inject import override_modules
+
+        override_modules(model, adapter_name, overrides)
+        layers = {path: layer for path, layer in adapted_layers(model) if adapter_name in layer.adapters}
     for path, layer in layers.items():
         form = layer.adapters[adapter_name]
         init.apply(form, layer.base_layer, None if stats is None else stats.get(path))

@@ -124,8 +124,13 @@ class Trainer:
         return self.accelerator.is_main_process
 
     # -- checkpoints -----------------------------------------------------------------------
+    def optimized_params(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer holds (strategies may add groups or move requires_grad)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        ids = {id(p) for p in self.optimized_params()}
+        return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
 
     def save_checkpoint(self) -> Path | None:
         from accelerate.utils import gather_object
@@ -242,7 +247,7 @@ class Trainer:
                 s.on_after_backward(self, self.step)
             grad_norm = None
             if c.max_grad_norm:
-                grad_norm = float(acc.clip_grad_norm_(self.params, c.max_grad_norm))
+                grad_norm = float(acc.clip_grad_norm_(self.optimized_params(), c.max_grad_norm))
             for s in self.strategies:
                 s.on_before_optimizer_step(self, self.step)
             self.optimizer.step()

@@ -1,0 +1,418 @@
+"""The shared machinery of all routers: a bank of frozen LoRA adapters per Linear and Σ_e g_e(x)·ΔW_e x.
+
+Notation: expert e (one adapter) has, on a target Linear W0 (out × in), ΔW_e = s_e·B_e·A_e with
+A_e ∈ R^{r_e×in}, B_e ∈ R^{out×r_e}. The bank reads the adapters with the scale folded into B
+(``compose.merge.parts.gather``: same checks as merging, i.e. same base, same targets, LoRA-like forms)
+and stacks them per module, zero-padding ranks to r_max:
+
+    A: [E, r_max, in]   B: [E, out, r_max]   scale: [E] (1 after folding)   bias: [E, out] or None
+
+Zero padding is exact: padded rows of A meet padded columns of B, so B_e·A_e is unchanged.
+
+A :class:`RoutedLinear` replaces each target Linear (or HF Conv1D); its output is
+
+    y = W0 x + Σ_e g_e · s_e·B_e·A_e·x            (``mix="delta"``: MeteoRA, LoRA-Mixer)
+    y = W0 x + (Σ_e g_e s_e B_e)(Σ_e g_e A_e)·x    (``mix="factors"``: RecLoRA's official code)
+
+where the gate weights g come from the router that owns the layer (:meth:`RoutedModel.layer_weights`):
+per token from the layer's input (MeteoRA, LoRA-Mixer), or per sample from a side input (RecLoRA).
+The delta path never materializes ΔW: h = x·Aᵀ per expert ([..., E, r]), scaled by g, then one
+contraction with B.
+
+:class:`RoutedModel` is the base of the routers: it installs the layers, passes routing side inputs
+(``task_ids=``, ``user=``) from ``forward`` to the layers, offers fixed manual weights
+(:meth:`set_weights`) and saves/loads a folder:
+
+- ``lorakit_router.json``: method, its args, adapter names, module paths, ranks, format version;
+- ``bank.safetensors``: the stacked adapters (``<path>.A``, ``.B``, ``.scale``, ``.bias``);
+- ``router.safetensors``: the router's own tensors (gates, user MLP).
+
+Each file is written atomically and the JSON last, so an interrupted save is detected on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.core import atomic
+from lorakit.core.spec import build_args
+from lorakit.core.state import AdapterState
+
+ROUTER_FILE = "lorakit_router.json"
+BANK_FILE = "bank.safetensors"
+GATES_FILE = "router.safetensors"
+FORMAT_VERSION = 1
+MIXES = ("delta", "factors")
+
+
+class RouterError(ValueError):
+    """Bad router input: no adapters, unknown module, wrong side input, corrupt router folder."""
+
+
+# -- the bank ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertTensors:
+    """The stacked adapters of one module (scale folded into B unless ``scale`` says otherwise)."""
+
+    A: torch.Tensor  # [E, r_max, in]
+    B: torch.Tensor  # [E, out, r_max]
+    scale: torch.Tensor  # [E]
+    bias: torch.Tensor | None  # [E, out]
+    ranks: list[int]
+
+
+@dataclass
+class LoRABank:
+    """Frozen LoRA adapters stacked per module: ``modules[path]`` holds all E experts of that module."""
+
+    names: list[str]
+    modules: dict[str, ExpertTensors]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[AdapterState | str | Path],
+                      names: Sequence[str] | None = None) -> LoRABank:
+        """Stack adapters (AdapterStates or PEFT/lorakit folders; any ranks, same base and targets)."""
+        from lorakit.compose.merge.parts import MergeInputError, gather, load_inputs
+
+        if not adapters:
+            raise RouterError("a router needs at least one adapter")
+        try:
+            states, labels = load_inputs(list(adapters))
+            paths, factors = gather(states, labels)
+        except MergeInputError as e:
+            raise RouterError(str(e)) from e
+        if names is None:
+            names = [Path(a).name if isinstance(a, (str, Path)) else f"adapter_{i}" for i, a in enumerate(adapters)]
+        names = [str(n) for n in names]
+        if len(names) != len(states) or len(set(names)) != len(names):
+            raise RouterError(f"give one distinct name per adapter; got {names} for {len(states)} adapter(s)")
+        modules = {}
+        for path in paths:
+            fs = [f[path] for f in factors]
+            r_max = max(f.rank for f in fs)
+            out, inp = fs[0].B.shape[0], fs[0].A.shape[1]
+            A = torch.zeros(len(fs), r_max, inp)
+            B = torch.zeros(len(fs), out, r_max)
+            for e, f in enumerate(fs):
+                A[e, : f.rank] = f.A
+                B[e, :, : f.rank] = f.B
+            bias = None
+            if any(f.bias is not None for f in fs):
+                bias = torch.stack([f.bias if f.bias is not None else torch.zeros(out) for f in fs])
+            modules[path] = ExpertTensors(A=A, B=B, scale=torch.ones(len(fs)), bias=bias,
+                                          ranks=[f.rank for f in fs])
+        return cls(names=names, modules=modules)
+
+
+class ExpertStack(nn.Module):
+    """The E experts of one Linear as parameters (frozen unless a regime trains them)."""
+
+    def __init__(self, t: ExpertTensors, trainable: bool = False) -> None:
+        super().__init__()
+        self.A = nn.Parameter(t.A.clone().float(), requires_grad=trainable)
+        self.B = nn.Parameter(t.B.clone().float(), requires_grad=trainable)
+        self.register_buffer("scale", t.scale.clone().float())
+        self.bias = None if t.bias is None else nn.Parameter(t.bias.clone().float(), requires_grad=trainable)
+        self.ranks = list(t.ranks)
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    def expert_delta(self, e: int) -> torch.Tensor:
+        """ΔW_e (out × in), dense; for tests and export."""
+        return self.scale[e] * self.B[e] @ self.A[e]
+
+    def mix(self, x: torch.Tensor, g: torch.Tensor, mode: str = "delta") -> torch.Tensor:
+        """Σ_e g_e ΔW_e x (``delta``; g: [..., E] matching x's leading dims, or broadcastable) or
+        (Σ g_e s_e B_e)(Σ g_e A_e) x (``factors``; g: [batch, E], one mixture per sample)."""
+        x = x.to(self.A.dtype)
+        g = g.to(self.A.dtype)
+        if mode == "delta":
+            g = g.expand(*x.shape[:-1], g.shape[-1])
+            h = torch.einsum("...i,eri->...er", x, self.A) * (g * self.scale)[..., None]
+            y = torch.einsum("...er,eor->...o", h, self.B)
+        elif mode == "factors":
+            if g.dim() != 2 or g.shape[0] != x.shape[0]:
+                raise RouterError(f"factor mixing needs one weight vector per sample, shape [batch={x.shape[0]}, "
+                                  f"E], got {tuple(g.shape)}")
+            A_u = torch.einsum("be,eri->bri", g, self.A)
+            B_u = torch.einsum("be,eor->bor", g * self.scale, self.B)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            y = torch.bmm(torch.bmm(flat, A_u.transpose(1, 2)), B_u.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        else:
+            raise RouterError(f"unknown mix {mode!r}; known: {', '.join(MIXES)}")
+        if self.bias is not None:
+            gb = g if mode == "delta" else g.reshape(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
+            y = y + (gb * self.scale) @ self.bias
+        return y
+
+    def tensors(self) -> ExpertTensors:
+        return ExpertTensors(A=self.A.detach(), B=self.B.detach(), scale=self.scale.detach(),
+                             bias=None if self.bias is None else self.bias.detach(), ranks=self.ranks)
+
+
+class RoutedLinear(nn.Module):
+    """A target Linear with a stack of experts and (optionally) its own gate; weights come from the owner."""
+
+    def __init__(self, base_layer: nn.Module, stack: ExpertStack, gate: nn.Module | None, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.stack = stack
+        self.gate = gate
+        self.path = path
+        self.__dict__["_owner"] = None  # the RoutedModel (not a submodule: no cycle)
+        self.last: dict[str, torch.Tensor] = {}  # what the router records in forward (logits, probs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        owner = self.__dict__["_owner"]
+        if owner is None or owner.disabled:
+            return out
+        g = owner.layer_weights(self, x)
+        return out + self.stack.mix(x, g, owner.mix).to(out.dtype)
+
+
+def _layer_shape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    if type(module).__name__ == "Conv1D":  # HF GPT-2 Conv1D stores (in, out)
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]
+
+
+# -- the routed model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    pass
+
+
+class RoutedModel(nn.Module):
+    """Base of the routers. A subclass sets ``name``, ``Args``, ``mix``, builds its gates in
+    :meth:`make_gate` / :meth:`build`, and implements :meth:`compute_weights`."""
+
+    name: ClassVar[str] = ""
+    Args: ClassVar[type] = NoArgs
+    mix: ClassVar[str] = "delta"
+    side_inputs: ClassVar[tuple[str, ...]] = ()  # forward kwargs this router consumes
+
+    def __init__(self, model: nn.Module, bank: LoRABank, **args: Any) -> None:
+        super().__init__()
+        self.args = build_args(self.Args, args, owner=f"router {self.name!r}")
+        self.model = model
+        self.expert_names = list(bank.names)
+        self.disabled = False
+        self._forced: torch.Tensor | None = None
+        self.context: dict[str, Any] = {}
+        self.layers: dict[str, RoutedLinear] = {}
+        for path, t in bank.modules.items():
+            try:
+                base = model.get_submodule(path)
+            except AttributeError as e:
+                raise RouterError(f"module {path!r} of the adapters is not in this model") from e
+            if isinstance(base, RoutedLinear):
+                raise RouterError(f"{path}: already routed; unroute the model first")
+            if not hasattr(base, "weight") or base.weight.dim() != 2:
+                raise RouterError(f"{path}: a {type(base).__name__}, not a Linear; routers wrap Linear layers")
+            if _layer_shape(base) != (t.B.shape[1], t.A.shape[2]):
+                raise RouterError(f"{path}: model layer is (out, in) = {_layer_shape(base)}, the adapters are "
+                                  f"{(t.B.shape[1], t.A.shape[2])}: another base model")
+            stack = ExpertStack(t, trainable=self.trains_experts()).to(base.weight.device)
+            layer = RoutedLinear(base, stack, self.make_gate(t, path), path)
+            layer.to(base.weight.device)
+            layer.__dict__["_owner"] = self
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            self.layers[path] = layer
+        self.build()
+
+    # -- hooks for the methods
+    def make_gate(self, t: ExpertTensors, path: str) -> nn.Module | None:
+        """The per-layer gate module (None: the router's weights do not come from the layer input)."""
+        return None
+
+    def build(self) -> None:
+        """Router-level modules (after the layers exist)."""
+
+    def trains_experts(self) -> bool:
+        return False
+
+    def compute_weights(self, layer: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, context: dict[str, Any]) -> None:
+        """Called once per forward with the side inputs (e.g. compute per-user weights)."""
+
+    # -- generic behaviour
+    def layer_weights(self, layer: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+        if self._forced is not None:
+            w = self._forced.to(x.device)
+            if self.mix == "factors":
+                return w.expand(x.shape[0], w.shape[-1])
+            return w
+        return self.compute_weights(layer, x)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def set_weights(self, weights: Sequence[float] | torch.Tensor | None) -> None:
+        """Fix the expert weights of every layer and token (e.g. one-hot: that adapter alone); None: route."""
+        if weights is None:
+            self._forced = None
+            return
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if w.numel() != self.num_experts:
+            raise RouterError(f"{w.numel()} weight(s) for {self.num_experts} experts")
+        self._forced = w
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        context = {k: kwargs.pop(k) for k in list(kwargs) if k in self.side_inputs}
+        self.context = context
+        self.prepare(context)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.context = {}
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The router's own parameters (gates, user MLP), not the experts or the base."""
+        return [p for _, p in self.router_named_parameters()]
+
+    def router_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for path, layer in self.layers.items():
+            if layer.gate is not None:
+                out += [(f"{path}.gate.{k}", p) for k, p in layer.gate.named_parameters()]
+        out += [(f"_router.{k}", p) for k, p in self.router_modules().named_parameters()]
+        return out
+
+    def router_modules(self) -> nn.Module:
+        """Router-level modules (override); their state is saved with the gates."""
+        return nn.Module()
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for path, layer in self.layers.items():
+            if layer.gate is not None:
+                state.update({f"{path}.gate.{k}": v for k, v in layer.gate.state_dict().items()})
+        state.update({f"_router.{k}": v for k, v in self.router_modules().state_dict().items()})
+        return state
+
+    def load_router_state(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.router_state()
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        if missing or extra:
+            raise RouterError(f"router tensors do not match this router: missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}")
+        for path, layer in self.layers.items():
+            if layer.gate is not None:
+                prefix = f"{path}.gate."
+                layer.gate.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.router_modules().load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("_router.")})
+
+    def bank(self) -> LoRABank:
+        return LoRABank(names=list(self.expert_names), modules={p: la.stack.tensors() for p, la in self.layers.items()})
+
+    def unroute(self) -> nn.Module:
+        """Put the original layers back; returns the base model."""
+        for path, layer in self.layers.items():
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base_layer)
+        self.layers = {}
+        return self.model
+
+    @contextlib.contextmanager
+    def disabled_routing(self):
+        self.disabled = True
+        try:
+            yield self
+        finally:
+            self.disabled = False
+
+    def extra_config(self) -> dict[str, Any]:
+        """What a subclass needs to rebuild itself besides Args and the bank (e.g. user_dim)."""
+        return {}
+
+    # -- files
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the router folder (bank + router tensors + ``lorakit_router.json``), atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        bank = self.bank()
+        tensors = {}
+        for path, t in bank.modules.items():
+            tensors[f"{path}.A"], tensors[f"{path}.B"], tensors[f"{path}.scale"] = t.A, t.B, t.scale
+            if t.bias is not None:
+                tensors[f"{path}.bias"] = t.bias
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        gates = {k: v.detach().cpu().contiguous() for k, v in self.router_state().items()}
+        info = {"format_version": FORMAT_VERSION, "method": self.name, "args": dataclasses.asdict(self.args),
+                "names": bank.names, "ranks": {p: t.ranks for p, t in bank.modules.items()},
+                "extra": self.extra_config()}
+        with contextlib.ExitStack() as stack:
+            info_tmp = stack.enter_context(atomic.atomic_path(out / ROUTER_FILE))
+            bank_tmp = stack.enter_context(atomic.atomic_path(out / BANK_FILE))
+            gates_tmp = stack.enter_context(atomic.atomic_path(out / GATES_FILE))
+            save_file(tensors, str(bank_tmp), metadata={"format": "pt"})
+            save_file(gates, str(gates_tmp), metadata={"format": "pt"})
+            info_tmp.write_bytes((json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+        return out
+
+    @classmethod
+    def from_extra(cls, model: nn.Module, bank: LoRABank, args: dict[str, Any], extra: dict[str, Any]) -> RoutedModel:
+        return cls(model, bank, **args)
+
+
+def load_routed(model: nn.Module, router_dir: str | Path) -> RoutedModel:
+    """Rebuild a saved router on ``model`` (the same base it was built on)."""
+    from lorakit.core import registry
+
+    d = Path(router_dir)
+    if not (d / ROUTER_FILE).exists():
+        raise RouterError(f"{d}: no {ROUTER_FILE}; not a router folder")
+    try:
+        info = json.loads((d / ROUTER_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise RouterError(f"{d / ROUTER_FILE}: not valid JSON ({e})") from e
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise RouterError(f"{d / ROUTER_FILE}: format {info.get('format_version')} is newer than this lorakit")
+    try:
+        tensors, gates = load_file(str(d / BANK_FILE)), load_file(str(d / GATES_FILE))
+    except Exception as e:  # safetensors raises several types for a missing or truncated file
+        raise RouterError(f"{d}: missing or corrupt router tensors ({e})") from e
+    modules = {}
+    for path, ranks in info["ranks"].items():
+        modules[path] = ExpertTensors(A=tensors[f"{path}.A"], B=tensors[f"{path}.B"], scale=tensors[f"{path}.scale"],
+                                      bias=tensors.get(f"{path}.bias"), ranks=list(ranks))
+    cls = registry.get("route", info["method"])
+    router = cls.from_extra(model, LoRABank(names=info["names"], modules=modules), info.get("args", {}),
+                            info.get("extra", {}))
+    router.load_router_state(gates)
+    return router
+
+
+def broadcast_labels(task_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Task ids per sample [B] or per token [B, T] → per position of ``x`` ([..., in] → [...])."""
+    t = torch.as_tensor(task_ids, device=x.device).long()
+    lead = x.shape[:-1]
+    while t.dim() < len(lead):
+        t = t[..., None]
+    return t.expand(lead)

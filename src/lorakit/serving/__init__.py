@@ -1,0 +1,8 @@
+"""Serving many LoRA adapters on one base model (S-LoRA / Punica style); see bank.py and engine.py."""
+
+from lorakit.serving.bank import AdapterBank, AdapterBankError, BankFullError
+from lorakit.serving.engine import QueueFullError, Request, ServingEngine, serve_model, unserve_model
+from lorakit.serving.kernels import RowPlan, batched_lora
+
+__all__ = ["AdapterBank", "AdapterBankError", "BankFullError", "QueueFullError", "Request", "RowPlan",
+           "ServingEngine", "batched_lora", "serve_model", "unserve_model"]

@@ -1,0 +1,245 @@
+"""IncreLoRA rank growth (Zhang et al., "IncreLoRA: Incremental Parameter Allocation Method for
+Parameter-Efficient Fine-tuning", arXiv 2308.12043, Sec. 3 / Algorithm 1; official code
+FeiyuZhang98/IncreLoRA ``loralib/increlora.py::RankAllocator, compute_orth_regu`` and
+``NLU/src/transformers/optimization.py::Multi_LambdaLR``). Use with form ``increlora``.
+
+- **Importance** (Eq. 5-7): per module S = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel(ΔW) (a gradient hook on the
+  materialized ΔW, summed over the micro-batches of a step; the code keeps the last one, the same at
+  grad_accum=1), smoothed Ī ← β₁Ī + (1−β₁)S, Ū ← β₂Ū + (1−β₂)|S − Ī|, score = Ī·Ū; β₁ = β₂ = 0.85.
+- **Schedule**: after each optimizer step t (1-based) with t > ``init_warmup`` and t % ``interval`` == 0,
+  while the total rank is below the budget (``target_rank`` × #modules, or ``target_total_rank``),
+  the k = min(top_h, ⌈remaining/add_r⌉) highest-scoring modules grow by add_r (form ``grow()``: the
+  reserve's e becomes trainable and a fresh reserve is appended). The code takes every module whose
+  score reaches the k-th score (ties may add more) and uses min(top_h, remaining) — the same at
+  add_r = 1; here exactly k modules are taken, so the budget is never exceeded.
+- **New optimizer groups**: each growth's new tensors (the new e's and the new reserves' a, b) go into a
+  new AdamW param group with the trainer's lr and weight decay and their own schedule (the code's
+  "restart warmup"): linear warmup over ``group_warmup`` steps (default: the trainer's warmup steps)
+  from the growth step, then linear decay to 0 at the last step.
+- **Budget met**: tracking stops (ΔW is no longer materialized) and every reserve e is set to 0, as
+  the code.
+- **Loss** (Eq. 8): L + ``orth_reg`` · mean over tensors of ‖AAᵀ − I‖_F (each A chunk) and ‖BᵀB − I‖_F
+  (each B chunk), reserves included, as ``compute_orth_regu`` (0.1). The code's chunks are single
+  rank-1 vectors, so it only normalises each vector (METHODS.md pitfall); here chunks are the
+  growth units (add_r ranks, r for the first), which equals the code at r = add_r = 1.
+- **Saved spec**: after a growth each module's ``growths`` is recorded in the adapter spec
+  (exact-path ``module_args``), so ``lorakit.save``/``load`` rebuild the grown shapes exactly.
+- **Rank trajectory**: logged as ``increlora_total_rank``; at the last step ``increlora_ranks.png``
+  (rank per module against the step) and ``increlora_ranks.json`` are written to the run dir.
+
+Defaults from the NLU scripts (DeBERTaV3-base, CoLA): target_rank 2, top_h 2, init_warmup = interval
+= 100, β 0.85, orth_reg 0.1. Exact resume from a checkpoint written after a growth is not supported
+(the optimizer's extra groups); the strategy refuses it with a clear message.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.core.caps import Cap
+from lorakit.strategies.base import Strategy
+
+
+def growable_forms(model: nn.Module) -> dict[tuple[str, str], Any]:
+    """(module path, adapter name) -> form, for forms that can grow (``Cap.RANK_MUTABLE`` with ``grow``
+    and importance tracking)."""
+    from lorakit.core.inject import adapted_layers
+
+    out = {}
+    for path, layer in adapted_layers(model):
+        for name, form in layer.adapters.items():
+            if Cap.RANK_MUTABLE in form.caps and callable(getattr(form, "grow", None)) \
+                    and hasattr(form, "track_importance"):
+                out[(path, name)] = form
+    return out
+
+
+class RestartWarmup:
+    """LR multiplier of a group created at step ``start``: linear warmup over ``warmup`` steps, then
+    linear decay to 0 at ``total`` (the official ``Multi_LambdaLR`` per-group schedule)."""
+
+    def __init__(self, start: int, warmup: int, total: int) -> None:
+        self.start, self.warmup, self.total = start, warmup, total
+
+    def __call__(self, step: int) -> float:
+        local = step - self.start
+        if self.warmup > 0 and local < self.warmup:
+            return (local + 1) / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.start - self.warmup))
+
+
+class IncreLoRARankGrowth(Strategy):
+    name = "increlora"
+    requires = Cap.RANK_MUTABLE
+    exclusive_with = frozenset({"dylora"})
+
+    def __init__(self, target_rank: int = 2, target_total_rank: int | None = None, top_h: int = 2,
+                 init_warmup: int = 100, interval: int = 100, beta1: float = 0.85, beta2: float = 0.85,
+                 orth_reg: float = 0.1, group_warmup: int | None = None, plot: bool = True) -> None:
+        if int(top_h) < 1 or int(interval) < 1 or int(init_warmup) < 0:
+            raise ValueError("increlora: need top_h >= 1, interval >= 1, init_warmup >= 0")
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"increlora: betas must be in (0, 1), got {beta1}, {beta2}")
+        self.target_rank, self.target_total_rank = float(target_rank), target_total_rank
+        self.top_h, self.init_warmup, self.interval = int(top_h), int(init_warmup), int(interval)
+        self.beta1, self.beta2, self.orth_reg = float(beta1), float(beta2), float(orth_reg)
+        self.group_warmup, self.plot = group_warmup, bool(plot)
+        self.forms: dict[tuple[str, str], Any] = {}
+        self.ipt: dict[str, float] = {}
+        self.unc: dict[str, float] = {}
+        self.budget = 0
+        self.done = False
+        self.groups: list[dict[str, Any]] = []  # added optimizer groups: start step, base lr
+        self.history: list[dict[str, Any]] = []  # {"step", "ranks": {module: rank}, "grown": [...]}
+        self.last_scores: dict[str, float] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _key(path: str, name: str) -> str:
+        return path if name == "default" else f"{name}:{path}"
+
+    def ranks(self) -> dict[str, int]:
+        return {self._key(*k): f.rank for k, f in self.forms.items()}
+
+    def total_rank(self) -> int:
+        return sum(f.rank for f in self.forms.values())
+
+    def scores(self) -> dict[str, float]:
+        return {k: self.ipt.get(k, 0.0) * self.unc.get(k, 0.0) for k in self.ranks()}
+
+    def _track(self, on: bool) -> None:
+        for f in self.forms.values():
+            f.track_importance = on
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Any) -> None:
+        self.forms = growable_forms(trainer.model)
+        if not self.forms:
+            raise ValueError("strategy 'increlora' needs an adapter of form 'increlora' (a growable "
+                             "RANK_MUTABLE form); the model has none")
+        add = {f.args.add_r for f in self.forms.values()}
+        self.budget = int(self.target_total_rank if self.target_total_rank is not None
+                          else round(self.target_rank * len(self.forms)))
+        if self.budget < self.total_rank():
+            raise ValueError(f"increlora: budget {self.budget} is below the current total rank {self.total_rank()}")
+        self.add_r = max(add)
+        self.done = self.total_rank() >= self.budget
+        self._track(not self.done)
+        if not self.history:
+            self.history.append({"step": trainer.step, "ranks": self.ranks(), "grown": []})
+
+    def on_step_start(self, trainer: Any, step: int) -> None:
+        for f in self.forms.values():
+            f.importance = 0.0
+
+    def orth_penalty(self) -> torch.Tensor:
+        terms = []
+        for f in self.forms.values():
+            for name, p in f.named_parameters():
+                if not p.requires_grad or not name.startswith(("lora_A", "lora_B")):
+                    continue
+                cov = p @ p.T if name.startswith("lora_A") else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device,
+                                                                      dtype=cov.dtype)))
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+    def on_loss(self, trainer: Any, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+        return loss + self.orth_reg * self.orth_penalty() if self.orth_reg else loss
+
+    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+        if not self.done:
+            for (path, name), f in self.forms.items():
+                k = self._key(path, name)
+                s = f.importance
+                self.ipt[k] = self.beta1 * self.ipt.get(k, 0.0) + (1 - self.beta1) * s
+                self.unc[k] = self.beta2 * self.unc.get(k, 0.0) + (1 - self.beta2) * abs(s - self.ipt[k])
+            if step > self.init_warmup and step % self.interval == 0:
+                self.grow(trainer, step)
+        logs["increlora_total_rank"] = self.total_rank()
+        if step == trainer.config.steps:
+            self._track(False)  # serve with the factored path
+            if trainer.out_dir is not None and trainer.is_main:
+                self.write_trajectory(trainer.out_dir)
+
+    def grow(self, trainer: Any, step: int) -> list[str]:
+        """One allocation round: grow the top-k modules by add_r and give the new tensors a new group."""
+        from lorakit.core.inject import specs
+
+        scores = self.scores()
+        self.last_scores = dict(scores)
+        remaining = self.budget - self.total_rank()
+        k = min(self.top_h, math.ceil(remaining / self.add_r))
+        chosen = sorted(scores, key=lambda m: (-scores[m], m))[:k]
+        new_params: list[nn.Parameter] = []
+        for (path, name), f in self.forms.items():
+            if self._key(path, name) not in chosen or self.total_rank() + f.args.add_r > self.budget:
+                continue
+            new_params += f.grow()
+            spec = specs(trainer.model)[name]
+            spec.module_args[re.escape(path)] = {**spec.module_args.get(re.escape(path), {}),
+                                                  "growths": f.args.growths}
+        if new_params:
+            c = trainer.config
+            warmup = c.warmup if self.group_warmup is None else int(self.group_warmup)
+            sched = RestartWarmup(step, warmup, c.steps)
+            trainer.optimizer.add_param_group({"params": new_params, "weight_decay": c.weight_decay,
+                                               "lr": c.lr * sched(step)})
+            # the trainer's LambdaLR drives the new group too, with its own multiplier
+            trainer.scheduler.lr_lambdas.append(sched)
+            trainer.scheduler.base_lrs.append(c.lr)
+            trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+            self.groups.append({"index": len(trainer.optimizer.param_groups) - 1, "start": step,
+                                "base_lr": c.lr, "warmup": warmup})
+        if self.total_rank() >= self.budget:
+            self.done = True
+            self._track(False)
+            with torch.no_grad():
+                for f in self.forms.values():
+                    f.lora_E_res.zero_()
+        self.history.append({"step": step, "ranks": self.ranks(), "grown": chosen})
+        return chosen
+
+    def write_trajectory(self, out_dir: Path) -> Path:
+        """increlora_ranks.json and increlora_ranks.png (rank of each module against the step)."""
+        from lorakit.core import atomic
+
+        out_dir = Path(out_dir)
+        atomic.write_json(out_dir / "increlora_ranks.json", {"budget": self.budget, "history": self.history})
+        if not self.plot:
+            return out_dir / "increlora_ranks.json"
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [h["step"] for h in self.history]
+        for m in self.history[0]["ranks"]:
+            ax.step(steps, [h["ranks"][m] for h in self.history], where="post", label=m, lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("rank")
+        ax.set_title(f"IncreLoRA rank trajectory (budget {self.budget})")
+        if len(self.history[0]["ranks"]) <= 12:
+            ax.legend(fontsize=6, loc="upper left")
+        fig.tight_layout()
+        path = out_dir / "increlora_ranks.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ipt": self.ipt, "unc": self.unc, "history": self.history, "grown": bool(self.groups)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("grown"):
+            raise ValueError("increlora: resuming from a checkpoint written after a rank growth is not supported; "
+                             "restart the run or resume from an earlier checkpoint")
+        self.ipt, self.unc, self.history = dict(state["ipt"]), dict(state["unc"]), list(state["history"])

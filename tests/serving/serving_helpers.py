@@ -1,0 +1,54 @@
+"""Shared builders for the serving tests: PEFT adapters with random weights on a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# mixed ranks, rsLoRA, different target sets, per-module ranks (rank_pattern)
+CONFIGS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=QKVO),
+    "b": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    "c": dict(r=6, lora_alpha=3, target_modules=["k_proj", "o_proj"], rank_pattern={"o_proj": 2}),
+    "d": dict(r=1, lora_alpha=2, target_modules=["o_proj"]),
+}
+
+
+def tiny_base():
+    from lorakit.models import tiny_llama
+
+    return tiny_llama(hidden=32, layers=2, heads=4, kv_heads=2, vocab=128, seed=0)
+
+
+def write_peft_adapters(base, root: Path, configs=None, seed: int = 0) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+
+    configs = configs or CONFIGS
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, cfg in configs.items():
+        m = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **cfg))
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        m.save_pretrained(str(root / name))
+        out[name] = root / name
+    return out
+
+
+def peft_reference(base, adapter_dir: Path | None):
+    from peft import PeftModel
+
+    model = copy.deepcopy(base)
+    return model if adapter_dir is None else PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def reference_logits(ref, prompt, tokens) -> torch.Tensor:
+    """Logits of ``ref`` at the positions that produced each generated token."""
+    full = torch.tensor([list(prompt) + list(tokens[:-1])])
+    with torch.no_grad():
+        return ref(full).logits[0, len(prompt) - 1:]
