@@ -9,7 +9,7 @@ client ε at δ = 1e-5 (opacus RDP accountant; per-sample clipping C = 1, noise 
 All runs use the plain single-process loop (``lorakit.federated.run.run_local``), which the tests
 show gives the same adapters as Flower's simulation engine; Flower's own overhead is not measured.
 
-Budget (chosen so that the 8 runs finish in about 20 minutes on 2 CPU cores): 2 local AdamW steps of
+Budget (chosen so that the 8 runs finish in about 20 minutes on an idle 2-core CPU): 2 local AdamW steps of
 4 examples per client per round (lr 3e-3), at most 48 tokens per example, LoRA r = 8 (α = 16) on
 q_proj and v_proj of the last 10 of 30 layers (so backward stops at layer 20), 2,000 training
 examples split over the clients, 64 evaluation examples. These are small-scale numbers: the
@@ -62,10 +62,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-noise", type=float, default=1.0)
     p.add_argument("--dp-clip", type=float, default=1.0)
     p.add_argument("--dp-delta", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a busy 2-core box)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="combine the runs of several result folders (e.g. methods run as parallel processes) "
+                        "into --out, instead of running")
     return p.parse_args(argv)
+
+
+ORDER = [f"{m}{d}" for d in ("", "+dp") for m in METHODS]
+
+
+def merge(folders: list[Path], out: Path) -> dict[str, Any]:
+    """One result from several ``federated.json``/``federated.partial.json`` of the same configuration."""
+    from lorakit.federated.run import plot_rounds
+
+    merged: dict[str, Any] | None = None
+    runs: dict[str, Any] = {}
+    walls = []
+    for d in folders:
+        full = d / "federated.json"
+        if full.exists():
+            data = json.loads(full.read_text())
+            walls.append(data["seconds"])
+            merged = merged or data
+            keys = ("clients", "rounds", "local_steps", "batch_size", "lr", "n_train", "n_eval", "seed")
+            if any(data["config"][k] != merged["config"][k] for k in keys):
+                raise SystemExit(f"{d}: another configuration than {folders[0]}")
+            runs.update(data["runs"])
+        elif (d / "federated.partial.json").exists():
+            runs.update(json.loads((d / "federated.partial.json").read_text()))
+    if merged is None:
+        raise SystemExit("no federated.json among " + ", ".join(map(str, folders)))
+    merged["runs"] = {k: runs[k] for k in sorted(runs, key=lambda k: ORDER.index(k) if k in ORDER else 99)}
+    merged["seconds"] = round(sum(r["seconds"] for r in runs.values()), 1)  # compute time of all runs
+    merged["wall_seconds_parallel"] = max(walls) if walls else None
+    merged["merged_from"] = [str(d) for d in folders]
+    out.mkdir(parents=True, exist_ok=True)
+    plot(merged, out / "federated.png", merged["metric_name"], plot_rounds)
+    merged["summary"] = summary_line(merged)
+    (out / "federated.json").write_text(json.dumps(merged, indent=2) + "\n")
+    print(merged["summary"])
+    return merged
 
 
 def tiny_runtime(cfg):
@@ -90,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lorakit.federated.run import plot_rounds, run_local
 
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -133,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"gap {s['gap_mean']:.2e}  {runs[name]['bytes_per_round'] / 1e6:.2f} MB/round"
                   + (f"  eps {s['epsilon']:.2f}" if s["epsilon"] is not None else "")
                   + f"  ({s['seconds']:.0f} s)", file=sys.stderr)
+            args.out.mkdir(parents=True, exist_ok=True)  # partial results after every run
+            (args.out / "federated.partial.json").write_text(json.dumps(runs, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     metric = rt.objective.metric_name
     result = {
@@ -149,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     line = summary_line(result)
     result["summary"] = line
     (args.out / "federated.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "federated.partial.json").unlink(missing_ok=True)
     print(line)
     return result
 
@@ -158,8 +202,11 @@ def plot(result: dict[str, Any], path: Path, metric: str, plot_rounds) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, dp in zip(axes[:2], (False, True)):
         for name, r in result["runs"].items():
             if r["dp"] != dp:

@@ -390,9 +390,16 @@ def measure_memory(args: argparse.Namespace, batches_file: Path) -> dict[str, di
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name,
                "--batches", str(batches_file), "--model", args.model,
                "--memory-steps", str(args.memory_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        # A failed child (OOM-killed on a shared box, say) is recorded, not fatal: the timings stand.
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                                  timeout=args.memory_timeout)
+        except subprocess.TimeoutExpired:
+            return {"variant": name, "error": f"timed out after {args.memory_timeout} s"}
         if proc.returncode != 0:
-            raise RuntimeError(f"memory child for {name} failed:\n{proc.stderr[-3000:]}")
+            tail = proc.stderr.strip().splitlines()[-3:]
+            print(f"memory child for {name} failed (rc {proc.returncode}): {tail}", file=sys.stderr)
+            return {"variant": name, "error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     # Each child's RSS is its own, so children may run side by side (timing is already done).
@@ -450,7 +457,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bars = [("saved for backward", "", result["saved_for_backward_mb"])]
     if result.get("memory"):
         bars.append(("peak RSS over loaded model", "//",
-                     {n: m["peak_delta_mb"] for n, m in result["memory"].items()}))
+                     {n: result["memory"][n].get("peak_delta_mb", 0.0) for n in names}))
     width = 0.8 / len(bars)
     for k, (label, hatch, values) in enumerate(bars):
         axes[1].bar([i + (k - (len(bars) - 1) / 2) * width for i in x], [values[n] for n in names],
@@ -494,19 +501,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M), 'tiny' (seeded small llama) or a local HF dir")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds; every variant runs in each")
     p.add_argument("--steps-per-round", type=int, default=1, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before round 1")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (right-padded)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
     # 2 steps: the second runs with the AdamW state allocated, so its peak is the steady-state one.
     p.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (0: skip memory)")
-    p.add_argument("--memory-jobs", type=int, default=2, help="memory subprocesses run at once")
+    # 1 by default: each child peaks near 3.5 GB on SmolLM2, and the box may be shared.
+    p.add_argument("--memory-jobs", type=int, default=1, help="memory subprocesses run at once")
+    p.add_argument("--memory-timeout", type=int, default=600, help="seconds before a memory child is given up")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                    help="clock of the headline ratios (both are recorded); cpu resists load from other jobs")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler tables of one lorakit and one peft r=16 step")
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and PNG")
     # Internal: run as the memory subprocess of one variant.
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
@@ -569,14 +578,6 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     _trim_heap()  # the memory subprocesses come next; give them the RAM this process no longer needs
 
-    memory: dict[str, dict[str, Any]] = {}
-    if args.memory_steps > 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            # The children get the parent's exact tensors (no re-tokenizing, same vocab).
-            batches_file = Path(tmp) / "batches.pt"
-            torch.save((batches, vocab), batches_file)
-            memory = measure_memory(args, batches_file)
-
     tokens = args.batch_size * args.seq_len
     timing = {clock: summarize_times(t, tokens) for clock, t in times.items()}
     ratio = {clock: ratios(t) for clock, t in timing.items()}
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
             "high-water mark (/proc/self/clear_refs = 5); build the variant and run --memory-steps steps; "
             "peak_delta = VmHWM - baseline (activations, autograd buffers, adapter params, grads, "
             "AdamW state)"),
-        "memory": memory,
+        "memory": {},
         "saved_for_backward_mb": saved,
         "saved_for_backward_method": ("torch.autograd.graph.saved_tensors_hooks over one forward: bytes of "
                                       "the unique storages autograd keeps for backward, weights excluded"),
@@ -623,10 +624,21 @@ def main(argv: list[str] | None = None) -> None:
         "sanity": {**sanity, "loss_after_training": last_loss},
         "profiles": profiles,
     }
-    result["wall_s"] = time.perf_counter() - t_start
     json_path, png_path = args.out / "train_overhead.json", args.out / "train_overhead.png"
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(png_path, lambda p: plot(result, p))
+
+    def write() -> None:
+        result["wall_s"] = time.perf_counter() - t_start
+        _atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+        _atomic_write(png_path, lambda p: plot(result, p))
+
+    write()  # the timings are safe on disk before the memory subprocesses start
+    if args.memory_steps > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            # The children get the parent's exact tensors (no re-tokenizing, same vocab).
+            batches_file = Path(tmp) / "batches.pt"
+            torch.save((batches, vocab), batches_file)
+            result["memory"] = measure_memory(args, batches_file)
+        write()
     print(summary_line(result))
 
 

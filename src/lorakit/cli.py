@@ -351,6 +351,26 @@ from lorakit.federated.cli import fed_app  # noqa: E402  (federated: `lorakit fe
 app.add_typer(fed_app, name="fed")
 
 
+@app.command()
+def serve(
+    adapters: Annotated[list[Path] | None, typer.Option("--adapters", help="adapter folders (repeatable)")] = None,
+    model: Annotated[str | None, typer.Option(help="base model; default: embedded SmolLM2")] = None,
+    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    budget_mb: Annotated[int, typer.Option(help="device pool for adapter weights, in MB")] = 512,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
+) -> None:
+    """OpenAI-compatible multi-adapter server (needs the `serving` extra); "model" = adapter name."""
+    from lorakit.serving.server import main as serve_main
+
+    argv = ["--host", host, "--port", str(port), "--budget-mb", str(budget_mb), "--max-batch", str(max_batch)]
+    if model:
+        argv += ["--model", model]
+    if adapters:
+        argv += ["--adapters", *map(str, adapters)]
+    serve_main(argv)
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

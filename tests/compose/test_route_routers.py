@@ -192,12 +192,14 @@ def test_reclora_mixture_matches_dense(folders, mix):
             dw = sum(alpha[b, e] * s.expert_delta(e) for e in range(3))
         else:  # (Σ α s B)(Σ α A): the official code's product of weighted sums
             dw = sum(alpha[b, e] * s.scale[e] * s.B[e] for e in range(3)) @ sum(alpha[b, e] * s.A[e] for e in range(3))
-        torch.testing.assert_close(y[b], x[b] @ dw.T, rtol=0, atol=1e-5)
+        bias = 0 if s.bias is None else (alpha[b] * s.scale) @ s.bias  # adapter 2 has a lora_bias
+        torch.testing.assert_close(y[b], x[b] @ dw.T + bias, rtol=0, atol=1e-5)
     if mix == "factors":  # cross terms: not the weighted sum of ΔW
         dsum = sum(alpha[0, e] * s.expert_delta(e) for e in range(3))
         assert (y[0] - x[0] @ dsum.T).abs().max() > 1e-4
     B_u, A_u = rec.user_adapter(user[0])[path]
-    torch.testing.assert_close(x[0] @ (B_u @ A_u).T, y[0], rtol=0, atol=1e-5)
+    bias = 0 if s.bias is None else (alpha[0] * s.scale) @ s.bias
+    torch.testing.assert_close(x[0] @ (B_u @ A_u).T + bias, y[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["meteora", "lora_mixer", "reclora", "reclora-layer"])

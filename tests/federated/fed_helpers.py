@@ -1,4 +1,5 @@
-"""Helpers for the federated tests. Client adapter states for aggregator tests: tiny Llama shapes, seeded, heterogeneous clients."""
+"""Helpers for the federated tests: seeded heterogeneous client adapter states on tiny Llama shapes,
+a tiny model folder and a small CSV task."""
 
 from __future__ import annotations
 

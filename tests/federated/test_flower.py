@@ -4,6 +4,7 @@ SuperNodes on localhost run the app (deployment engine)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -134,8 +135,9 @@ def test_deployment_engine_on_localhost_survives_a_killed_supernode(tiny, tmp_pa
     procs: list[subprocess.Popen] = []
 
     def start(*cmd, log):
-        p = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, cwd=tmp_path, start_new_session=True,
-                             stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
+        with open(tmp_path / log, "w") as f:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, cwd=tmp_path, start_new_session=True,
+                                 stdout=f, stderr=subprocess.STDOUT)
         procs.append(p)
         return p
 
@@ -164,10 +166,8 @@ def test_deployment_engine_on_localhost_survives_a_killed_supernode(tiny, tmp_pa
     finally:
         for p in procs:
             if p.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for p in procs:
             try:
                 p.wait(timeout=20)

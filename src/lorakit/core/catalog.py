@@ -39,6 +39,9 @@ CATALOG: tuple[Entry, ...] = (
     Entry("strategy", "lisa", "lorakit.strategies.lisa:LISA", "LISA: Layerwise Importance Sampling for Memory-Efficient LLM Fine-Tuning (Pan et al., NeurIPS 2024)", "2403.17919"),
     Entry("form", "increlora", "lorakit.forms.increlora:IncreLoRA", "IncreLoRA form: growing B·diag(E)·A with reserve ranks (Zhang et al., 2023)", "2308.12043"),
     Entry("strategy", "increlora", "lorakit.strategies.increlora:IncreLoRARankGrowth", "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning (Zhang et al., 2023)", "2308.12043"),
+    Entry("strategy", "diffora", "lorakit.strategies.diffora:DiffoRA", "DiffoRA: Enabling Parameter-Efficient Fine-Tuning via Differential Module Selection (Jiang, Wang & Yuan, 2025)", "2502.08905"),
+    Entry("strategy", "loraprune", "lorakit.strategies.loraprune:LoRAPrune", "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning (Zhang et al., Findings of ACL 2024)", "2305.18403"),
+    Entry("strategy", "loram", "lorakit.strategies.loram:LoRAM", "LoRAM: Train Small, Infer Large: Memory-Efficient LoRA Training for LLMs (Zhang et al., ICLR 2025)", "2502.13533"),
     # compose/merge (linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, lego, lorahub)
     Entry("merge", "linear", "lorakit.compose.merge.linear:LinearMerge", "Exact weighted sum of ΔW (task arithmetic: Editing Models with Task Arithmetic, Ilharco et al., ICLR 2023), optional rank-k SVD", "2212.04089"),
     Entry("merge", "cat", "lorakit.compose.merge.cat:CatMerge", "Concatenation of weighted factors, exact at rank Σr (PEFT's cat)", "-"),

@@ -60,7 +60,8 @@ Options = Annotated[list[str] | None, typer.Option("--option", "-o",
 @fed_app.command("simulate")
 def simulate(
     clients: Clients = 10, rounds: Rounds = 3, method: Method = "fedavg",
-    engine: Annotated[str, typer.Option(help="flower (Flower simulation engine, Ray) or local (one process)")] = "flower",
+    engine: Annotated[str, typer.Option(help="flower (Flower's simulation engine, Ray) or local (one process)")]
+    = "flower",
     model: Model = "smollm2", data: Data = "sentiment", local_steps: LocalSteps = 5, batch_size: BatchSize = 8,
     lr: Lr = 1e-3, rank: Rank = 8, alpha: Alpha = 16.0, ranks: Ranks = "", targets: Targets = "q_proj,v_proj",
     dirichlet_alpha: Dirichlet = 0.5, n_train: NTrain = 0, n_eval: NEval = 200, max_length: MaxLength = 128,
@@ -142,7 +143,8 @@ def show(summary: Annotated[Path, typer.Argument(help="a run folder or its fed_s
         typer.secho(f"error: {path} not found", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     s = json.loads(path.read_text())
-    typer.echo(f"{'round':>5} {'accepted':>8} {'rejected':>8} {'failed':>6} {'gap':>10} {'MB':>8} {s['metric_name']:>10}")
+    typer.echo(f"{'round':>5} {'accepted':>8} {'rejected':>8} {'failed':>6} {'gap':>10} {'MB':>8} "
+               f"{s['metric_name']:>10}")
     for r in s["rounds"]:
         m = (r.get("eval") or {}).get(s["metric_name"])
         gap = (r.get("gap") or {}).get("relative")

@@ -107,6 +107,9 @@ class LoRAStrategy(_FlowerFedAvg):
 def _short(reason: str, limit: int = 300) -> str:
     """The useful end of a (Ray) traceback: the last 'Message: ...', without terminal colours."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason))
+    if "running low on memory" in text:  # Ray's memory monitor killed the ClientApp's worker
+        used = re.search(r"was ([\d.]+GB / [\d.]+GB)", text)
+        return "Ray killed the ClientApp: the machine ran low on memory" + (f" ({used.group(1)} used)" if used else "")
     if "Message: " in text:
         text = text.rsplit("Message: ", 1)[1]
     text = " ".join(text.split()).rstrip("'>")
@@ -175,13 +178,14 @@ def serve(grid: Grid, cfg: FedConfig, engine: str = "flower") -> FedResult:
     return result
 
 
-def make_server_app(overrides: dict[str, Any] | None = None, results: list[FedResult] | None = None) -> ServerApp:
+def make_server_app(overrides: dict[str, Any] | None = None, results: list[FedResult] | None = None,
+                    engine: str = "flower") -> ServerApp:
     """A ServerApp; ``overrides`` win over the run config, ``results`` receives the FedResult."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = serve(grid, _config(context, overrides))
+        result = serve(grid, _config(context, overrides), engine=engine)
         if results is not None:
             results.append(result)
 
@@ -226,14 +230,14 @@ def simulate(cfg: FedConfig, *, num_cpus: int | None = None, verbose: bool = Fal
     overrides = cfg.to_dict()
     results: list[FedResult] = []
     cpus = num_cpus or os.cpu_count() or 1
-    run_simulation(server_app=make_server_app(overrides, results), client_app=make_client_app(overrides),
+    run_simulation(server_app=make_server_app(overrides, results, engine="flower-simulation"),
+                   client_app=make_client_app(overrides),
                    num_supernodes=cfg.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False}},
                    verbose_logging=verbose)
     if not results:
         raise RuntimeError("the Flower simulation ended without a result; see the log above")
-    results[0].engine = "flower-simulation"
     return results[0]
 
 

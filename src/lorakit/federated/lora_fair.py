@@ -17,8 +17,9 @@ Neither variant can be exact: s·B̄'·Ā has rank ≤ r while ΔW has rank up t
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,35 +74,41 @@ def _cosine_solve(targets: list[torch.Tensor], Bs: list[torch.Tensor], As: list[
             if float(rho[j]) == 0.0:
                 ls = targets[i].double() @ torch.linalg.pinv(As[i].double())
                 rho[j] = float(ls.square().mean().sqrt()) or 1.0
-        rho = rho.view(-1, 1, 1)
         tn = T.flatten(1).norm(dim=1)
-        U = torch.zeros_like(B, requires_grad=True)
-        opt = torch.optim.Adam([U], lr=args.lr)
-
-        def objective(U: torch.Tensor) -> torch.Tensor:  # one value per module
-            delta = rho * U
-            cand = ((B + delta) @ A).flatten(1)
-            cos = (T.flatten(1) * cand).sum(1) / (tn * cand.norm(dim=1)).clamp_min(1e-300)
-            eps = 1e-12 * rho.flatten()
-            reg = torch.sqrt(delta.flatten(1).square().sum(1) + eps * eps) - eps  # ‖ΔB‖_F, smooth at 0
-            return 1.0 - cos + args.lam * reg
-
-        with torch.no_grad():
-            best_val = objective(U)
-        best = torch.zeros_like(B)
-        with torch.enable_grad():
-            for _ in range(args.steps):
-                opt.zero_grad()
-                objective(U).sum().backward()
-                opt.step()
-                with torch.no_grad():
-                    val = objective(U)
-                    better = val < best_val
-                    best[better] = (rho * U)[better]
-                    best_val = torch.where(better, val, best_val)
+        best = _solve_group(T, B, A, rho.view(-1, 1, 1), tn, args)
         for j, i in enumerate(idx):
             out[i] = torch.zeros_like(Bs[i]) if float(tn[j]) == 0.0 else best[j].float()
     return out  # type: ignore[return-value]
+
+
+def _solve_group(T: torch.Tensor, B: torch.Tensor, A: torch.Tensor, rho: torch.Tensor, tn: torch.Tensor,
+                 args: LoRAFAIRArgs) -> torch.Tensor:
+    """Batched Adam on U (ΔB = ρ·U) for modules of one shape; the best ΔB seen per module."""
+    U = torch.zeros_like(B, requires_grad=True)
+    opt = torch.optim.Adam([U], lr=args.lr)
+    eps = 1e-12 * rho.flatten()
+
+    def objective(U: torch.Tensor) -> torch.Tensor:  # one value per module
+        delta = rho * U
+        cand = ((B + delta) @ A).flatten(1)
+        cos = (T.flatten(1) * cand).sum(1) / (tn * cand.norm(dim=1)).clamp_min(1e-300)
+        reg = torch.sqrt(delta.flatten(1).square().sum(1) + eps * eps) - eps  # ‖ΔB‖_F, smooth at 0
+        return 1.0 - cos + args.lam * reg
+
+    with torch.no_grad():
+        best_val = objective(U)
+    best = torch.zeros_like(B)
+    with torch.enable_grad():
+        for _ in range(args.steps):
+            opt.zero_grad()
+            objective(U).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                val = objective(U)
+                better = val < best_val
+                best[better] = (rho * U)[better]
+                best_val = torch.where(better, val, best_val)
+    return best
 
 
 def _l2_solve(target: torch.Tensor, B: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
@@ -133,11 +140,8 @@ def lora_fair_states(states: Sequence[AdapterState], weights: Sequence[float] | 
             target += float(w) * (fs[path].B.double() @ fs[path].A.double())  # Σ p_k B_k A_k (= ΔW / s)
         targets[path] = target
     paths = list(averaged)
-    if args.solver == "l2":
-        deltas = [_l2_solve(targets[m], averaged[m].B, averaged[m].A, args.lam) for m in paths]
-    else:
-        deltas = _cosine_solve([targets[m] for m in paths], [averaged[m].B for m in paths],
-                               [averaged[m].A for m in paths], args)
+    with _one_thread():  # hundreds of small ops: extra threads only spin-wait (30x slower on a busy box)
+        deltas = _solve(paths, targets, averaged, args)
     for path, delta in zip(paths, deltas):
         fa, target = averaged[path], targets[path]
         new_B = fa.B + delta
@@ -148,6 +152,23 @@ def lora_fair_states(states: Sequence[AdapterState], weights: Sequence[float] | 
     info = {"fair_cos_before": _mean(cos_before), "fair_cos_after": _mean(cos_after),
             "fair_rel_delta_B": _mean(rel)}
     return with_tensors(avg, tensors), info
+
+
+def _solve(paths: list[str], targets: dict, averaged: dict, args: LoRAFAIRArgs) -> list[torch.Tensor]:
+    if args.solver == "l2":
+        return [_l2_solve(targets[m], averaged[m].B, averaged[m].A, args.lam) for m in paths]
+    return _cosine_solve([targets[m] for m in paths], [averaged[m].B for m in paths],
+                         [averaged[m].A for m in paths], args)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -262,6 +262,8 @@ class LoRAPrune(Strategy):
                  physical: bool = True, normalize: bool = True) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"loraprune: ratio must be in [0, 1), got {ratio}")
+        if not 0.0 <= initial_ratio <= ratio:
+            raise ValueError(f"loraprune: need 0 <= initial_ratio <= ratio, got {initial_ratio} and {ratio}")
         if prune_freq < 1:
             raise ValueError(f"loraprune: prune_freq must be >= 1, got {prune_freq}")
         self.ratio, self.prune_freq, self.initial = float(ratio), int(prune_freq), float(initial_ratio)

