@@ -451,7 +451,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[0].bar([i + (k - 0.5) * 0.4 for i in x], med, width=0.4, yerr=[lo, hi], color=colors,
                     hatch=hatch, edgecolor="k", capsize=3, label=f"{clock} time")
     axes[0].set_xticks(list(x), names)
-    axes[0].legend()
+    axes[0].legend(loc="upper left")
     axes[0].set_ylabel("s/step (median; whiskers: round min..max)")
     axes[0].set_title("training step time")
     bars = [("saved for backward", "", result["saved_for_backward_mb"])]
@@ -463,7 +463,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[1].bar([i + (k - (len(bars) - 1) / 2) * width for i in x], [values[n] for n in names],
                     width=width, color=colors, hatch=hatch, edgecolor="k", label=label)
     axes[1].set_xticks(list(x), names)
-    axes[1].legend()
+    axes[1].legend(loc="upper left")
+    for ax in axes:  # headroom, so the legends do not cover the bars
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)
     axes[1].set_ylabel("MiB")
     axes[1].set_title("memory (RSS: a fresh process per variant)")
     for ax in axes:

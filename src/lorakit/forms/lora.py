@@ -77,10 +77,12 @@ class LoRA(Form):
         return None if self.lora_bias is None else self.lora_bias * self.scaling
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        update = (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T
-        if self.lora_bias is not None:
-            update = update + self.lora_bias
-        return base_out + update * self.scaling
+        # Scale the thin rank-r intermediate, not the (tokens × out) update, and fuse the final add into
+        # one addmm: two full-width elementwise passes (and their backward) fewer than the naive form.
+        h = (self.dropout(x) @ self.lora_A.T) * self.scaling
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.T)
+        out = out.view(base_out.shape)
+        return out if self.lora_bias is None else out + self.lora_bias * self.scaling
 
     @classmethod
     def num_trainable(cls, in_features: int, out_features: int, args: LoRAArgs) -> int:
