@@ -41,3 +41,20 @@ def randomize_adapter(model, name: str = "default", seed: int = 1, std: float = 
         for form in adapter_modules(model, name).values():
             for p in form.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def save_tiny_model_dir(d, words: list[str]):
+    """A tiny Llama and a word-level tokenizer over ``words`` saved as a local HF folder ``d`` (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.models import tiny_llama
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", ":", "Text", "Answer", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    tiny_llama(vocab=128, seed=0).save_pretrained(d)
+    fast.save_pretrained(d)
+    return d

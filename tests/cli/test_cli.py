@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import save_tiny_model_dir
 from lorakit.cli import app
 
 WORDS = ["good", "bad", "great", "awful", "fine", "nice", "terrible", "love", "hate",
@@ -20,20 +21,7 @@ WORDS = ["good", "bad", "great", "awful", "fine", "nice", "terrible", "love", "h
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny Llama and a word-level tokenizer saved as a local HF folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from lorakit.models import tiny_llama
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", ":", "Text", "Answer", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    d = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(vocab=128, seed=0).save_pretrained(d)
-    fast.save_pretrained(d)
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"), WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""`lorakit train --strategy NAME --strategy-arg k=v` for diffora, loraprune and loram on a tiny local model
-(the same flow as the embedded model, without downloads)."""
+"""`lorakit train --strategy NAME --strategy-arg k=v` for every strategy on a tiny local model (the same
+flow as the embedded model, without downloads)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import save_tiny_model_dir
 from lorakit.cli import app
 
 WORDS = ["good", "bad", "great", "awful", "fine", "movie", "the", "was", "very", "not"]
@@ -16,26 +17,20 @@ WORDS = ["good", "bad", "great", "awful", "fine", "movie", "the", "was", "very",
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from lorakit.models import tiny_llama
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", ":", "Text", "Answer", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    d = tmp_path_factory.mktemp("tiny_model_issue5b")
-    tiny_llama(vocab=128, seed=0).save_pretrained(d)
-    fast.save_pretrained(d)
+    d = save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model_strategies"), WORDS)
     rows = ["text,label"] + [f"the movie was very {('good', 'bad')[i % 2]},{('good', 'bad')[i % 2]}"
                              for i in range(24)]
     (d / "reviews.csv").write_text("\n".join(rows) + "\n")
     return d
 
 
+# strategy -> (extra CLI args, files the run must write besides summary.json)
 CASES = {
+    "allora": (["--strategy-arg", "eta=2"], []),
+    "lora_pro": (["--strategy-arg", "mode=adam"], []),
+    "lisa": (["--strategy-arg", "gamma=1", "--strategy-arg", "interval=2"], ["full_model/model.safetensors"]),
+    "increlora": (["--form", "increlora", "--rank", "1", "--alpha", "4", "--strategy-arg", "init_warmup=1",
+                   "--strategy-arg", "interval=2", "--strategy-arg", "top_h=1"], ["increlora_ranks.png"]),
     "diffora": (["--strategy-arg", "search_steps=2", "--strategy-arg", "select=2"], []),
     "loraprune": (["--targets", "all-linear", "--strategy-arg", "prune_freq=1"], []),
     "loram": (["--targets", "all-linear", "--strategy-arg", "layers=0,1"],
@@ -44,7 +39,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_cli_train_with_pruning_or_selection_strategy(name, tiny_dir, tmp_path):
+def test_cli_train_with_strategy(name, tiny_dir, tmp_path):
     extra, files = CASES[name]
     out = tmp_path / name
     args = ["train", "--model", str(tiny_dir), "--data", str(tiny_dir / "reviews.csv"), "--steps", "4",
