@@ -206,11 +206,12 @@ def _build_cache(gguf: Path, target: Path, stamp: dict[str, Any], progress: bool
     return None
 
 
-def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with _hf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer
 
 
@@ -235,7 +236,7 @@ def load_model(
             uncached = _build_cache(gguf, target, stamp, progress)
             if uncached is not None:
                 return _finish(*uncached, dtype)
-        return _finish(*_load_hf_dir(target, dtype), dtype)
+        return _finish(*_load_hf_dir(target, dtype, progress), dtype)
 
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -248,7 +249,7 @@ def load_model(
             f"{name_or_path!r} is neither 'smollm2' nor a local model directory or .gguf file "
             "(models are never downloaded)"
         )
-    return _finish(*_load_hf_dir(path, dtype), dtype)
+    return _finish(*_load_hf_dir(path, dtype, progress), dtype)
 
 
 def tiny_llama(
