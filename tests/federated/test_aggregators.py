@@ -59,6 +59,9 @@ def test_flora_is_exact_with_homogeneous_and_mixed_ranks():
         assert result.state.adapter is None  # clients start fresh next round
         total = sum(lora_factors(s)[next(iter(s.modules))].rank for s in states)
         assert result.info["stacked_rank"] == total
+        # a stateful client downloads just this round's stack: Σr·(d+k) fp32 numbers per module
+        dims = sum(f.B.shape[0] + f.A.shape[1] for f in lora_factors(states[0]).values())
+        assert result.info["increment_bytes"] == 4 * total * dims
 
 
 def test_flora_stack_is_a_plain_lora_of_summed_rank_with_scale_one():

@@ -13,6 +13,9 @@ into the base weights every round, and every client starts the next round from a
 
 Traffic: clients send r_k(d+k) per module; the server sends the merged change of the base
 (stateless clients), as stacked factors while Σ rank·(d+k) < d·k, then as one dense d×k matrix.
+A client that kept its merged base from the previous round needs only that round's stacked factors
+(Σr_k·(d+k) per module): each round reports their size as ``increment_bytes``, the downlink per client
+of a stateful deployment, next to the stateless downlink counted in the traffic.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lorakit.federated.base import (
     key,
     lora_factors,
     normalize_weights,
+    tensor_bytes,
     with_tensors,
 )
 
@@ -77,4 +81,5 @@ class FLoRA(Aggregator):
             delta = add_to_base_delta(delta, path, f.B * f.s, f.A)
         new = GlobalState(adapter=None, base_delta=delta, round=state.round, spec=state.spec)
         return AggregationResult(new, info={"stacked_rank": stacked.spec.form_args["r"],
+                                            "increment_bytes": tensor_bytes(stacked.tensors),
                                             "client_ranks": [s.spec.form_args.get("r") for s in states]})
