@@ -20,7 +20,7 @@ from lorakit.core.inject import (
 )
 from lorakit.core.layer import AdaptedLayer, set_initial_tensors
 from lorakit.core.state import AdapterState, BaseMismatchError, check_base, load_state, save_state
-from lorakit.forms.base import is_conv1d
+from lorakit.forms.base import is_conv1d, skip_init
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -119,7 +119,8 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
     if problems:
         raise BaseMismatchError(f"{where}: adapter does not fit this model: " + "; ".join(problems))
     try:
-        forms = build_forms(model, state.spec, paths)
+        with skip_init():  # every saved tensor is loaded below: no form runs its init (SVD, LU, ...)
+            forms = build_forms(model, state.spec, paths)
     except (ValueError, TypeError) as e:
         raise BaseMismatchError(f"{where}: {e}") from e
     initial_by_module = dataclasses.replace(state, tensors=state.initial).by_module() if state.initial else {}

@@ -350,6 +350,10 @@ from lorakit.federated.cli import fed_app  # noqa: E402  (federated: `lorakit fe
 
 app.add_typer(fed_app, name="fed")
 
+from lorakit.compose.retrieve.cli import retrieve_app  # noqa: E402  (`lorakit retrieve build|query`)
+
+app.add_typer(retrieve_app, name="retrieve")
+
 
 @app.command()
 def serve(

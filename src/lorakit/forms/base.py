@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +32,39 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
 def weight_out_in(layer: nn.Module) -> torch.Tensor:
     """The base weight in the (out, in) layout that ΔW uses (a view, no copy)."""
     return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("lorakit_skip_init", default=False)
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Build forms whose saved tensors are about to be overwritten (a load): inside this context a form's
+    ``reset_parameters`` is a no-op, and forms skip any other construction work that only fills tensors
+    of ``save_tensors()`` (an SVD, an LU, a weight-guided mask), leaving them allocated but unset.
+    Work that builds tensors a file does not carry (non-persistent buffers, shared tensors) still runs.
+    Use it only around construction, and load every saved tensor afterwards."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
+
+
+def init_skipped() -> bool:
+    """True inside ``skip_init()``: forms being built will have all their saved tensors loaded."""
+    return _SKIP_INIT.get()
+
+
+def _skipped_under_load(reset: Any) -> Any:
+    @functools.wraps(reset)
+    def reset_parameters(self: Form, *args: Any, **kwargs: Any) -> Any:
+        if init_skipped():
+            return None
+        return reset(self, *args, **kwargs)
+
+    reset_parameters._skips_on_load = True  # type: ignore[attr-defined]
+    return reset_parameters
 
 
 class SharedTensors(nn.Module):
@@ -75,6 +112,13 @@ class Form(nn.Module):
     # args field -> PEFT per-module pattern key (e.g. "r" -> "rank_pattern")
     peft_patterns: ClassVar[dict[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every form's own reset_parameters (its init) becomes a no-op while forms are built for a load
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("reset_parameters")
+        if callable(own) and not getattr(own, "_skips_on_load", False):
+            cls.reset_parameters = _skipped_under_load(own)
+
     def __init__(self, base_layer: nn.Module, args: Any) -> None:
         super().__init__()
         self.args = args
@@ -112,7 +156,7 @@ class Form(nn.Module):
         return weight - self.delta_weight()
 
     def reset_parameters(self) -> None:
-        """The paper's default initialization."""
+        """The paper's default initialization (of saved tensors only: a no-op inside ``skip_init()``)."""
 
     # -- tensors shared by all layers of an adapter (Cap.SHARED_TENSORS) ---------------------
     shared_names: ClassVar[tuple[str, ...]] = ()  # AdapterState keys; file keys add the prefix base_model.

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form
+from lorakit.forms.base import Form, init_skipped
 
 RESERVE_E = 1e-5
 
@@ -71,6 +71,8 @@ class IncreLoRA(Form):
 
     # -- structure ---------------------------------------------------------------------------
     def _normal(self, *shape: int) -> nn.Parameter:
+        if init_skipped():  # built for a load: the file's tensors replace these
+            return nn.Parameter(torch.empty(*shape, device=self._device))
         return nn.Parameter(torch.randn(*shape, device=self._device) * self.args.init_std)
 
     def _add_chunk(self, k: int, e: float) -> None:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form
+from lorakit.forms.base import Form, init_skipped
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,13 @@ class LoLDU(Form):
         if args.r > k:
             raise ValueError(f"loldu: rank r={args.r} exceeds min(out, in)={k} of a "
                              f"{self.out_features}x{self.in_features} layer")
-        pi, lower, d, upper = ldu(self.base_weight)
         r, keep = args.r, args.save_factors
+        if keep and init_skipped():  # a load that carries π, L_r, U_r and D_r: no LU of the base weight
+            m, n, dev = self.out_features, self.in_features, self.base_weight.device
+            pi, lower = torch.empty(m, dtype=torch.long, device=dev), torch.empty(m, r, device=dev)
+            d, upper = torch.empty(r, device=dev), torch.empty(r, n, device=dev)
+        else:
+            pi, lower, d, upper = ldu(self.base_weight)
         self.register_buffer("perm", pi, persistent=keep)
         self.register_buffer("ldu_L", lower[:, :r].contiguous(), persistent=keep)
         self.register_buffer("ldu_U", upper[:r].contiguous(), persistent=keep)

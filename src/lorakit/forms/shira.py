@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form
+from lorakit.forms.base import Form, init_skipped
 
 # torch warns once per process that CSR support is "beta"; the ops used here are covered by tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -150,8 +150,9 @@ class Shira(Form):
             self.register_buffer(name, torch.empty(0, dtype=torch.long, device=device), persistent=False)
         self.scale = 1.0
         self._merged: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (original, written, scale)
-        with torch.no_grad():
-            self.set_indices(self._initial_mask())
+        if not init_skipped():  # a load sets the file's mask (load_tensors)
+            with torch.no_grad():
+                self.set_indices(self._initial_mask())
 
     # -- masks -----------------------------------------------------------------------------
     def _initial_mask(self) -> torch.Tensor:

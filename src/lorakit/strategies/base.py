@@ -53,6 +53,12 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def restore_structure(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        """On resume, before the checkpoint's tensors, optimizer and scheduler state are loaded: rebuild
+        what the strategy changed during training (new parameters, optimizer groups, scheduler lambdas)
+        from its saved ``state`` (what ``state_dict`` returned), so that those loads find the saved shapes
+        and groups. ``load_state_dict`` runs afterwards, as before."""
+
 
 def check_stack(strategies: list[Strategy]) -> None:
     """Refuse stacks whose members declare each other exclusive."""

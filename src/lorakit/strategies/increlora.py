@@ -28,8 +28,12 @@ FeiyuZhang98/IncreLoRA ``loralib/increlora.py::RankAllocator, compute_orth_regu`
   (rank per module against the step) and ``increlora_ranks.json`` are written to the run dir.
 
 Defaults from the NLU scripts (DeBERTaV3-base, CoLA): target_rank 2, top_h 2, init_warmup = interval
-= 100, β 0.85, orth_reg 0.1. Exact resume from a checkpoint written after a growth is not supported
-(the optimizer's extra groups); the strategy refuses it with a clear message.
+= 100, β 0.85, orth_reg 0.1.
+
+**Resume**: the checkpoint's strategy state records each growth (step, modules, warmup); on resume
+``restore_structure`` replays them on the freshly built model (same spec as the run's start) before the
+trainer loads the tensors, optimizer and scheduler state, so a killed run resumes bit-identically even
+after growths (tests/strategies/test_increlora_resume.py).
 """
 
 from __future__ import annotations
@@ -169,41 +173,57 @@ class IncreLoRARankGrowth(Strategy):
 
     def grow(self, trainer: Any, step: int) -> list[str]:
         """One allocation round: grow the top-k modules by add_r and give the new tensors a new group."""
-        from lorakit.core.inject import specs
-
         scores = self.scores()
         self.last_scores = dict(scores)
         remaining = self.budget - self.total_rank()
         k = min(self.top_h, math.ceil(remaining / self.add_r))
         chosen = sorted(scores, key=lambda m: (-scores[m], m))[:k]
+        grown, total = [], self.total_rank()
+        for (path, name), f in self.forms.items():
+            if self._key(path, name) in chosen and total + f.args.add_r <= self.budget:
+                grown.append(self._key(path, name))
+                total += f.args.add_r
+        warmup = trainer.config.warmup if self.group_warmup is None else int(self.group_warmup)
+        self._grow_modules(trainer, step, grown, warmup)
+        if self.total_rank() >= self.budget:
+            self._finish()
+        self.history.append({"step": step, "ranks": self.ranks(), "grown": chosen})
+        return chosen
+
+    def _grow_modules(self, trainer: Any, step: int, keys: list[str], warmup: int) -> None:
+        """Grow the modules ``keys`` (in ``self.forms`` order), record their growths in the adapter spec and
+        put the new tensors in a new optimizer group with its own schedule. Deterministic in ``keys`` and
+        ``step``: a resume replays it to rebuild the same tensors and groups."""
+        from lorakit.core.inject import specs
+
         new_params: list[nn.Parameter] = []
         for (path, name), f in self.forms.items():
-            if self._key(path, name) not in chosen or self.total_rank() + f.args.add_r > self.budget:
+            if self._key(path, name) not in keys:
                 continue
             new_params += f.grow()
             spec = specs(trainer.model)[name]
             spec.module_args[re.escape(path)] = {**spec.module_args.get(re.escape(path), {}),
                                                   "growths": f.args.growths}
-        if new_params:
-            c = trainer.config
-            warmup = c.warmup if self.group_warmup is None else int(self.group_warmup)
-            sched = RestartWarmup(step, warmup, c.steps)
-            trainer.optimizer.add_param_group({"params": new_params, "weight_decay": c.weight_decay,
-                                               "lr": c.lr * sched(step)})
-            # the trainer's LambdaLR drives the new group too, with its own multiplier
-            trainer.scheduler.lr_lambdas.append(sched)
-            trainer.scheduler.base_lrs.append(c.lr)
-            trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
-            self.groups.append({"index": len(trainer.optimizer.param_groups) - 1, "start": step,
-                                "base_lr": c.lr, "warmup": warmup})
-        if self.total_rank() >= self.budget:
-            self.done = True
-            self._track(False)
-            with torch.no_grad():
-                for f in self.forms.values():
-                    f.lora_E_res.zero_()
-        self.history.append({"step": step, "ranks": self.ranks(), "grown": chosen})
-        return chosen
+        if not new_params:
+            return
+        c = trainer.config
+        sched = RestartWarmup(step, warmup, c.steps)
+        trainer.optimizer.add_param_group({"params": new_params, "weight_decay": c.weight_decay,
+                                           "lr": c.lr * sched(step)})
+        # the trainer's LambdaLR drives the new group too, with its own multiplier
+        trainer.scheduler.lr_lambdas.append(sched)
+        trainer.scheduler.base_lrs.append(c.lr)
+        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+        self.groups.append({"index": len(trainer.optimizer.param_groups) - 1, "start": step,
+                            "base_lr": c.lr, "warmup": warmup, "modules": list(keys)})
+
+    def _finish(self) -> None:
+        """Budget met: stop tracking, switch every reserve off (e = 0), as the official code."""
+        self.done = True
+        self._track(False)
+        with torch.no_grad():
+            for f in self.forms.values():
+                f.lora_E_res.zero_()
 
     def write_trajectory(self, out_dir: Path) -> Path:
         """increlora_ranks.json and increlora_ranks.png (rank of each module against the step)."""
@@ -234,12 +254,35 @@ class IncreLoRARankGrowth(Strategy):
         return path
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ipt": self.ipt, "unc": self.unc, "history": self.history, "grown": bool(self.groups)}
+        return {"ipt": self.ipt, "unc": self.unc, "history": self.history, "groups": self.groups,
+                "done": self.done, "last_scores": self.last_scores}
+
+    def restore_structure(self, trainer: Any, state: dict[str, Any]) -> None:
+        """Replay the saved growths on the freshly built model (whose adapter has the run's initial spec):
+        the same tensors grow in the same order and the same optimizer groups and scheduler lambdas are
+        added, so the checkpoint's tensors, optimizer and scheduler state load into matching structure."""
+        if not state:
+            return
+        if state.get("grown") and "groups" not in state:
+            raise ValueError("increlora: this checkpoint was written by an older lorakit that did not record its "
+                             "growths; restart the run or resume from a checkpoint written before any growth")
+        self.forms = growable_forms(trainer.model)
+        if self.groups:
+            raise ValueError("increlora: restore_structure called on a strategy that has already grown ranks")
+        for g in state.get("groups", []):
+            unknown = set(g["modules"]) - {self._key(*k) for k in self.forms}
+            if unknown:
+                raise ValueError(f"increlora: the checkpoint grew modules the model lacks: {sorted(unknown)[:3]}")
+            self._grow_modules(trainer, int(g["start"]), list(g["modules"]), int(g["warmup"]))
+            if self.groups[-1]["index"] != g["index"]:
+                raise ValueError(f"increlora: the replayed growth at step {g['start']} made optimizer group "
+                                 f"{self.groups[-1]['index']}, the checkpoint's was {g['index']}; resume with the "
+                                 "same strategies in the same order")
+        if state.get("done"):
+            self._finish()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if state.get("grown"):
-            raise ValueError("increlora: resuming from a checkpoint written after a rank growth is not supported; "
-                             "restart the run or resume from an earlier checkpoint")
         self.ipt, self.unc, self.history = dict(state["ipt"]), dict(state["unc"]), list(state["history"])
+        self.last_scores = dict(state.get("last_scores", {}))

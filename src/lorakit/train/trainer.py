@@ -8,6 +8,7 @@ exact resume (same data order, optimizer, scheduler and RNG state), and strategy
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -84,7 +85,8 @@ class Trainer:
     """Train the parameters of ``model`` that require grad.
 
     ``train_data`` is indexable; ``collate`` turns a list of its items into a batch;
-    ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics.
+    ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics. A model with
+    an ``aux_loss()`` method (e.g. a router's balance loss over its last forward) has it added to the loss.
     """
 
     def __init__(self, model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any],
@@ -164,10 +166,17 @@ class Trainer:
         if saved_world != self.accelerator.num_processes:
             raise ValueError(f"{path}: checkpoint was written by {saved_world} processes, resuming with "
                              f"{self.accelerator.num_processes}; exact resume needs the same number")
+        for s in self.strategies:  # structure first (grown tensors, added groups), then the state into it
+            s.restore_structure(self, data["strategies"].get(s.name, {}))
         named = self._trainable_state()
         missing = set(named) - set(data["params"])
         if missing:
             raise ValueError(f"{path}: checkpoint lacks trainable tensors {sorted(missing)[:3]}")
+        wrong = [n for n, p in named.items() if tuple(p.shape) != tuple(data["params"][n].shape)]
+        if wrong:
+            n = wrong[0]
+            raise ValueError(f"{path}: checkpoint tensor {n} has shape {tuple(data['params'][n].shape)}, the model's "
+                             f"{tuple(named[n].shape)}; resume with the same adapter spec and strategies")
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(data["params"][n])
@@ -237,6 +246,9 @@ class Trainer:
                 ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else nullcontext()
                 with ctx:
                     loss = self.loss_fn(self.wrapped, batch)
+                    aux = getattr(self.model, "aux_loss", None)
+                    if inspect.ismethod(aux):  # a model's own auxiliary loss (e.g. a router's balance loss)
+                        loss = loss + aux()
                     for s in self.strategies:
                         loss = s.on_loss(self, loss, batch)
                     if not torch.isfinite(loss):

@@ -43,6 +43,11 @@ from torch import nn
 from lorakit.core.spec import build_args
 from lorakit.core.state import AdapterState
 
+INDEX_FILE = "lorakit_retriever.json"
+ENCODER_FILE = "encoder.safetensors"
+EMBEDDINGS_FILE = "index.safetensors"
+FORMAT_VERSION = 1
+
 
 class RetrieveError(ValueError):
     """Bad retriever input: nothing indexed, mismatched descriptions, other modules."""
@@ -68,6 +73,28 @@ class MiniLMEncoder:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return torch.as_tensor(self.model.encode(list(texts), convert_to_numpy=True))
+
+
+class HashTextEncoder:
+    """A dependency-free text side: bag of lower-cased words, each a fixed N(0, 1) vector seeded by its
+    CRC32 (deterministic across runs and machines). Matches shared words only, no semantics: for tests,
+    and offline use without sentence-transformers (``text_encoder="hash"``)."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        import re
+        import zlib
+
+        out = torch.zeros(len(texts), self.dim)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                out[i] += torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+        return out
+
+
+TEXT_ENCODERS = {"minilm": MiniLMEncoder, "hash": HashTextEncoder}
 
 
 @dataclass(frozen=True)
@@ -135,12 +162,19 @@ class AutoLoRARetriever:
     name = "autolora"
     Args = AutoLoRAArgs
 
-    def __init__(self, text_encoder: TextEncoder | None = None, **args: Any) -> None:
+    def __init__(self, text_encoder: TextEncoder | str | None = None, **args: Any) -> None:
         self.args = build_args(AutoLoRAArgs, args, owner="retriever 'autolora'")
+        if isinstance(text_encoder, str):
+            if text_encoder not in TEXT_ENCODERS:
+                raise RetrieveError(f"unknown text encoder {text_encoder!r}; known: {', '.join(TEXT_ENCODERS)}")
+            self.text_encoder_name, text_encoder = text_encoder, TEXT_ENCODERS[text_encoder]()
+        else:
+            self.text_encoder_name = "minilm" if text_encoder is None else "custom"
         self._text = text_encoder
+        self.sources: list[str | None] = []
         self.encoder: WeightEncoder | None = None
         self.names: list[str] = []
-        self.adapter_states: list[AdapterState] = []
+        self.adapter_states: list[AdapterState | None] = []
         self.embeddings: torch.Tensor | None = None
         self.losses: list[float] = []
 
@@ -199,7 +233,7 @@ class AutoLoRARetriever:
             self.fit(states, descriptions, progress=progress)
         if self.encoder is None:
             raise RetrieveError("the weight encoder is untrained: index with descriptions first")
-        self.names, self.adapter_states, self.embeddings = [], [], None
+        self.names, self.adapter_states, self.embeddings, self.sources = [], [], None, []
         self.add(states, names)
         return self
 
@@ -217,6 +251,7 @@ class AutoLoRARetriever:
         self.names += [str(n) for n in names] if names is not None else [
             Path(s).name if isinstance(s, (str, Path)) else label for s, label in zip(states, labels)]
         self.adapter_states += st
+        self.sources += [str(Path(s).resolve()) if isinstance(s, (str, Path)) else None for s in states]
 
     def query(self, text: str, k: int = 1) -> list[Hit]:
         if self.embeddings is None:
@@ -226,5 +261,93 @@ class AutoLoRARetriever:
         return [Hit(self.names[i], int(i), float(s)) for s, i in zip(top.values, top.indices)]
 
     def states(self, hits: Sequence[Hit]) -> list[AdapterState]:
-        """The indexed adapters of ``hits``, ready for ``merge`` or ``route``."""
-        return [self.adapter_states[h.index] for h in hits]
+        """The indexed adapters of ``hits``, ready for ``merge`` or ``route`` (a loaded index reads them
+        from the folders it was built from)."""
+        from lorakit.core.state import load_state
+
+        out = []
+        for h in hits:
+            if self.adapter_states[h.index] is None:
+                src = self.sources[h.index]
+                if src is None:
+                    raise RetrieveError(f"adapter {h.name!r} was indexed from memory, not a folder: its weights "
+                                        "are not in the index")
+                try:
+                    self.adapter_states[h.index] = load_state(src)
+                except Exception as e:
+                    raise RetrieveError(f"adapter {h.name!r}: cannot read {src} ({e})") from e
+            out.append(self.adapter_states[h.index])
+        return out
+
+    def sources_of(self, hits: Sequence[Hit]) -> list[str | None]:
+        return [self.sources[h.index] for h in hits]
+
+    # -- files
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the index folder: the trained weight encoder, the adapter embeddings, names and source
+        folders, and ``lorakit_retriever.json`` (written last: an interrupted save is detected on load)."""
+        import contextlib
+        import dataclasses
+        import json
+
+        from safetensors.torch import save_file
+
+        from lorakit.core import atomic
+
+        if self.encoder is None or self.embeddings is None:
+            raise RetrieveError("nothing to save: index adapters first")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"format_version": FORMAT_VERSION, "method": self.name, "args": dataclasses.asdict(self.args),
+                "text_encoder": self.text_encoder_name, "text_dim": int(self.encoder.head.out_features),
+                "shapes": {p: [int(pr.shape[0]), 0] for p, pr in zip(self.encoder.paths, self.encoder.probes)},
+                "names": self.names, "sources": self.sources, "losses": self.losses[-1:]}
+        for p, key in zip(self.encoder.paths, self.encoder.type_keys):  # (out, in): out from the type key
+            info["shapes"][p] = [int(key.rsplit("_", 1)[1]), info["shapes"][p][0]]
+        enc = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        with contextlib.ExitStack() as stack:
+            info_tmp = stack.enter_context(atomic.atomic_path(out / INDEX_FILE))
+            enc_tmp = stack.enter_context(atomic.atomic_path(out / ENCODER_FILE))
+            emb_tmp = stack.enter_context(atomic.atomic_path(out / EMBEDDINGS_FILE))
+            save_file(enc, str(enc_tmp), metadata={"format": "pt"})
+            save_file({"embeddings": self.embeddings.detach().cpu().contiguous()}, str(emb_tmp),
+                      metadata={"format": "pt"})
+            info_tmp.write_bytes((json.dumps(info, indent=2) + "\n").encode())
+        return out
+
+    @classmethod
+    def load(cls, index_dir: str | Path, text_encoder: TextEncoder | None = None) -> AutoLoRARetriever:
+        """Read an index folder written by :meth:`save`; the text side is rebuilt from its name
+        (``minilm``/``hash``) unless given (required for an index built with a custom encoder)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        d = Path(index_dir)
+        if not (d / INDEX_FILE).exists():
+            raise RetrieveError(f"{d}: no {INDEX_FILE}; not a retriever index (build one with "
+                                "`lorakit retrieve build`)")
+        try:
+            info = json.loads((d / INDEX_FILE).read_text())
+            version, kind = info["format_version"], info["text_encoder"]
+            shapes = {p: (int(o), int(i)) for p, (o, i) in info["shapes"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RetrieveError(f"{d / INDEX_FILE}: corrupt index description ({e})") from e
+        if version > FORMAT_VERSION:
+            raise RetrieveError(f"{d / INDEX_FILE}: format {version} is newer than this lorakit")
+        if text_encoder is None and kind == "custom":
+            raise RetrieveError(f"{d}: built with a custom text encoder; pass the same one to load()")
+        r = cls(text_encoder if text_encoder is not None else kind, **info.get("args", {}))
+        r.text_encoder_name = kind if text_encoder is None else "custom"
+        try:
+            enc, emb = load_file(str(d / ENCODER_FILE)), load_file(str(d / EMBEDDINGS_FILE))["embeddings"]
+            r.encoder = WeightEncoder(shapes, int(info["text_dim"]), r.args)
+            r.encoder.load_state_dict(enc)
+        except Exception as e:  # safetensors/torch raise several types for missing, truncated or mismatched files
+            raise RetrieveError(f"{d}: missing or corrupt retriever tensors ({e})") from e
+        r.encoder.eval()
+        r.names, r.sources = list(info["names"]), list(info["sources"])
+        if emb.shape[0] != len(r.names):
+            raise RetrieveError(f"{d}: {emb.shape[0]} embeddings for {len(r.names)} adapters: corrupt index")
+        r.embeddings, r.adapter_states, r.losses = emb, [None] * len(r.names), list(info.get("losses", []))
+        return r

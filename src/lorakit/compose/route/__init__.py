@@ -3,6 +3,7 @@
     from lorakit.compose.route import route, load_routed
     routed = route(model, ["runs/a", "runs/b"], "meteora", top_k=1)   # AdapterStates or adapter folders
     routed.train_gates(batches, steps=200)                            # batches carry task_ids
+    train_router(routed, data, collate, loss_fn, TrainConfig(...))   # generic Trainer (+ router aux loss)
     routed.save("runs/routed")                                        # lorakit_router.json + safetensors
     routed = load_routed(fresh_model, "runs/routed")
     logits = routed(input_ids=ids).logits                             # batched inference
@@ -25,8 +26,10 @@ from lorakit.compose.route.base import (
     RoutedLinear,
     RoutedModel,
     RouterError,
+    fresh_bank,
     load_routed,
 )
+from lorakit.compose.route.training import train_router, with_side_inputs
 from lorakit.core.state import AdapterState
 
 
@@ -45,5 +48,5 @@ def methods() -> list[str]:
     return registry.names("route")
 
 
-__all__ = ["ExpertStack", "LoRABank", "RoutedLinear", "RoutedModel", "RouterError", "load_routed", "methods",
-           "route"]
+__all__ = ["ExpertStack", "LoRABank", "RoutedLinear", "RoutedModel", "RouterError", "fresh_bank", "load_routed",
+           "methods", "route", "train_router", "with_side_inputs"]

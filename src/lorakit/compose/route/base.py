@@ -221,6 +221,8 @@ class RoutedModel(nn.Module):
         self.disabled = False
         self._forced: torch.Tensor | None = None
         self.context: dict[str, Any] = {}
+        self.last_context: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}
         self.layers: dict[str, RoutedLinear] = {}
         for path, t in bank.modules.items():
             try:
@@ -285,12 +287,38 @@ class RoutedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         context = {k: kwargs.pop(k) for k in list(kwargs) if k in self.side_inputs}
+        if not context and self._pending:
+            context = dict(self._pending)
         self.context = context
+        self.last_context = context  # kept after forward for aux losses that need the labels
+        for layer in self.layers.values():
+            layer.last = {}
         self.prepare(context)
         try:
             return self.model(*args, **kwargs)
         finally:
             self.context = {}
+
+    @contextlib.contextmanager
+    def side_inputs_from(self, batch: dict[str, Any]):
+        """Route the forward calls inside with the side inputs found in ``batch`` (``task_ids``, ``user``):
+        for loss functions that call the model with fixed keyword arguments (e.g. a task objective)."""
+        self._pending = {k: batch[k] for k in self.side_inputs if k in batch}
+        try:
+            yield self
+        finally:
+            self._pending = {}
+
+    def mark_trainable(self) -> list[nn.Parameter]:
+        """Freeze everything but the router (and the experts where the regime trains them); returns them."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = self.gate_parameters()
+        if self.trains_experts():
+            params += [p for la in self.layers.values() for p in la.stack.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The router's own parameters (gates, user MLP), not the experts or the base."""
@@ -406,7 +434,7 @@ def load_routed(model: nn.Module, router_dir: str | Path) -> RoutedModel:
     router = cls.from_extra(model, LoRABank(names=info["names"], modules=modules), info.get("args", {}),
                             info.get("extra", {}))
     router.load_router_state(gates)
-    return router
+    return router.eval()  # inference mode (dropout in a user gate off); call .train() to keep training
 
 
 def broadcast_labels(task_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -416,3 +444,24 @@ def broadcast_labels(task_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     while t.dim() < len(lead):
         t = t[..., None]
     return t.expand(lead)
+
+
+def fresh_bank(model: nn.Module, targets: Sequence[str], k: int = 8, r: int = 8, alpha: float | None = None,
+               seed: int = 0, names: Sequence[str] | None = None) -> LoRABank:
+    """K untrained LoRA experts on ``targets`` (module paths): A Kaiming-uniform (a=√5, PEFT's default),
+    B = 0, s = α/r with α = 2r by default. For regimes that train the experts (joint LoRA-Mixer, RecLoRA)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    alpha = 2.0 * r if alpha is None else alpha
+    modules = {}
+    for path in targets:
+        out, inp = _layer_shape(model.get_submodule(path))
+        bound = 1.0 / math.sqrt(inp)  # kaiming_uniform_(a=√5) on (r, in)
+        A = (torch.rand(k, r, inp, generator=g) * 2 - 1) * bound
+        modules[path] = ExpertTensors(A=A, B=torch.zeros(k, out, r), scale=torch.full((k,), alpha / r), bias=None,
+                                      ranks=[r] * k)
+    names = [f"expert_{i}" for i in range(k)] if names is None else [str(n) for n in names]
+    if len(names) != k:
+        raise RouterError(f"{len(names)} name(s) for {k} experts")
+    return LoRABank(names=names, modules=modules)

@@ -11,9 +11,14 @@ with router p(x) = softmax(W_r x) per token (W_r ∈ R^{E×in}, no bias),
     y = W0 x + Σ_{e∈TopK(p)} p̃_e(x) · s_e B_e A_e x,      p̃ = p renormalised over the top-k.
 
 Training uses dense soft fusion (all experts, differentiable: ``dense_in_training``); inference is
-top-k sparse (k = 3, blog). "Hard-soft" routing: in joint training, tokens whose task label is known
-are routed hard to their task's expert (one-hot), the others softly by p (``task_ids=`` in forward,
-−1/−100 = unlabelled); the router still sees all tokens through the loss.
+top-k sparse (k = 3, blog). "Hard-soft" routing (v2: "a differentiable hard–soft top-k routing
+scheme"; the exact construction is not in the sources we could read, this is our reading): tokens
+whose task label is known (``task_ids=`` in forward or in the training batch; −1/−100 = unlabelled)
+are routed hard to their task's expert, so each expert specialises on its task; in training the
+hard weight is a straight-through estimator, value one-hot(task), gradient that of the soft p, so the
+router still learns from the task loss; unlabelled tokens are routed softly (training) or top-k
+(inference). ``label_coef`` > 0 (ours, off by default) adds a router cross-entropy on the labelled
+tokens, MeteoRA-style, for faster router convergence in the joint regime.
 
 Routing specialization loss (Eq. 3; v1 "Specialization Balance Loss", v2 "RSL"):
 
@@ -26,7 +31,15 @@ peaked routing (sign = +1); reviewers flagged this, so the sign is configurable.
 L_task + L_RSL + β Σ_i ‖θ_i − θ_i^(0)‖² (expert preservation for reused experts, joint regime only).
 
 Regimes: ``regime="router_only"`` (frozen public LoRAs, only W_r trains; default) and ``"joint"``
-(experts trainable, with the β preservation term against their loaded values).
+(experts trainable, with the β preservation term against their loaded values; start from PEFT files
+or from fresh experts, ``route.fresh_bank``). Both train with the generic Trainer through
+``route.train_router``: the task loss from your ``loss_fn`` plus :meth:`LoRAMixer.aux_loss` (L_RSL, β
+term, label term), which the Trainer adds because the model exposes ``aux_loss()``.
+
+    routed = route(model, ["peft/a", "peft/b", "peft/c"], "lora_mixer")          # regime (ii)
+    routed = route(model, fresh_bank(model, paths, k=3, r=8), "lora_mixer",
+                   regime="joint", preserve_coef=0.0)                            # regime (i)
+    train_router(routed, data, collate, loss_fn, TrainConfig(steps=200, lr=1e-2))
 
 Defaults: top_k = 3 (blog); α = 0.01 and λ = 0.01 and β = 0.01 are ours (the sources we could read
 give no values; α = 0.01 is the Switch-Transformer balance default).
@@ -57,6 +70,7 @@ class LoRAMixerArgs:
     entropy_sign: float = -1.0  # paper as written (−λH); +1 penalises entropy (peaked routing)
     f_def: str = "argmax"  # Eq. 3; "topk": share of top-k slots
     preserve_coef: float = 0.01  # β (ours), joint regime
+    label_coef: float = 0.0  # ours, off by default: router CE against task labels on labelled tokens
     gate_init_std: float = 0.02
     seed: int = 0
 
@@ -117,8 +131,9 @@ class LoRAMixer(RoutedModel):
             if self.args.regime == "joint" else {}
 
     def compute_weights(self, layer: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(layer.gate(x.to(layer.gate.weight.dtype)), dim=-1)
-        layer.last = {"probs": probs}
+        logits = layer.gate(x.to(layer.gate.weight.dtype))
+        probs = torch.softmax(logits, dim=-1)
+        layer.last = {"probs": probs, "logits": logits}
         if self.training and self.args.dense_in_training:
             w = probs
         else:
@@ -130,6 +145,8 @@ class LoRAMixer(RoutedModel):
             if bool(((t >= self.num_experts) & labelled).any()):
                 raise RouterError(f"task id out of range for {self.num_experts} experts")
             hard = torch.nn.functional.one_hot(t.clamp_min(0), self.num_experts).to(w.dtype)
+            if self.training:  # straight-through: the value is the hard one-hot, the gradient the soft p
+                hard = hard + probs - probs.detach()
             w = torch.where(labelled[..., None], hard, w)
         return w
 
@@ -145,6 +162,16 @@ class LoRAMixer(RoutedModel):
         loss = sum(rsl_loss(p, balance_coef=a.balance_coef, entropy_coef=a.entropy_coef,
                             entropy_sign=a.entropy_sign, f_def=a.f_def, top_k=a.top_k, mask=mask)
                    for p in probs.values()) / len(probs)
+        task_ids = self.last_context.get("task_ids")
+        if a.label_coef and task_ids is not None:  # ours: router CE on the labelled tokens (MeteoRA-style)
+            flat_l, flat_t = [], []
+            for la in self.layers.values():
+                lg = la.last["logits"]
+                flat_l.append(lg.reshape(-1, lg.shape[-1]))
+                flat_t.append(broadcast_labels(task_ids, lg).reshape(-1))
+            t = torch.cat(flat_t)
+            loss = loss + a.label_coef * torch.nn.functional.cross_entropy(
+                torch.cat(flat_l), t.masked_fill(t < 0, -100), ignore_index=-100)
         if self._initial:
             loss = loss + a.preserve_coef * sum(((t - t0) ** 2).sum() for p, la in self.layers.items()
                                                 for t, t0 in zip(la.stack.parameters(), self._initial[p]))

@@ -72,6 +72,7 @@ class MeteoRA(RoutedModel):
     name = "meteora"
     Args = MeteoRAArgs
     mix = "delta"
+    side_inputs = ("task_ids",)  # labels for the gate loss only; routing never reads them
 
     def make_gate(self, t: ExpertTensors, path: str) -> nn.Module:
         g = torch.Generator().manual_seed(self.args.seed + len(self.__dict__.get("_gates_made", [])))
@@ -107,6 +108,14 @@ class MeteoRA(RoutedModel):
             flat_t.append(t.reshape(-1))
         loss = F.cross_entropy(torch.cat(flat_l), torch.cat(flat_t), ignore_index=-100)
         return (self.args.aux_coef if coef is None else coef) * loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """The gate loss of the last forward against its ``task_ids`` (0 when it had none): the Trainer
+        adds it to the task loss (``route.train_router``)."""
+        task_ids = self.last_context.get("task_ids")
+        if task_ids is None or not self.gate_logits():
+            return torch.zeros(())
+        return self.gate_loss(task_ids)
 
     def gate_accuracy(self, task_ids: torch.Tensor) -> float:
         """Share of labelled (module, token) pairs whose top gate is the token's task (after forward)."""

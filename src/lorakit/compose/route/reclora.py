@@ -33,14 +33,13 @@ one plain adapter materialised per user (:meth:`RecLoRA.user_adapter`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.compose.route.base import ExpertTensors, LoRABank, RoutedLinear, RoutedModel, RouterError
+from lorakit.compose.route.base import ExpertTensors, LoRABank, RoutedLinear, RoutedModel, RouterError, fresh_bank
 
 
 @dataclass(frozen=True)
@@ -154,17 +153,7 @@ class RecLoRA(RoutedModel):
 def fresh_meta_loras(model: nn.Module, targets: list[str], k: int = 8, r: int = 8, alpha: float | None = None,
                      seed: int = 0) -> LoRABank:
     """K untrained meta-LoRAs on ``targets`` (module paths): A Kaiming-uniform, B = 0, s = α/r, α = 2r (code)."""
-    g = torch.Generator().manual_seed(seed)
-    alpha = 2.0 * r if alpha is None else alpha
-    modules = {}
-    for path in targets:
-        layer = model.get_submodule(path)
-        out, inp = layer.weight.shape
-        bound = 1.0 / math.sqrt(inp)  # kaiming_uniform_(a=√5) on (r, in)
-        A = (torch.rand(k, r, inp, generator=g) * 2 - 1) * bound
-        modules[path] = ExpertTensors(A=A, B=torch.zeros(k, out, r), scale=torch.full((k,), alpha / r), bias=None,
-                                      ranks=[r] * k)
-    return LoRABank(names=[f"meta_{i}" for i in range(k)], modules=modules)
+    return fresh_bank(model, targets, k, r, alpha, seed, names=[f"meta_{i}" for i in range(k)])
 
 
 __all__ = ["RecLoRA", "RecLoRAArgs", "fresh_meta_loras"]
