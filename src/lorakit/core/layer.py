@@ -68,7 +68,8 @@ class AdaptedLayer(nn.Module):
             if Cap.MERGEABLE not in form.caps:
                 raise ValueError(f"adapter {name!r} ({form.name}) is input-dependent and cannot be merged")
             with torch.no_grad():
-                self._write_weight(form.merged_weight(self._weight_out_in().to(_dtype(form))))
+                if not form.merge_into(self._weight_out_in(), 1.0):  # in place where the form can
+                    self._write_weight(form.merged_weight(self._weight_out_in().to(_dtype(form))))
                 self._add_bias(form.delta_bias(), sign=1.0)
             self.merged.append(name)
 
@@ -78,7 +79,8 @@ class AdaptedLayer(nn.Module):
                 continue
             form = self.adapters[name]
             with torch.no_grad():
-                self._write_weight(form.unmerged_weight(self._weight_out_in().to(_dtype(form))))
+                if not form.merge_into(self._weight_out_in(), -1.0):
+                    self._write_weight(form.unmerged_weight(self._weight_out_in().to(_dtype(form))))
                 self._add_bias(form.delta_bias(), sign=-1.0)
             self.merged.remove(name)
         if self._bias_added and all(self.adapters[n].delta_bias() is None for n in self.merged):

@@ -111,6 +111,9 @@ class Form(nn.Module):
     peft_type_aliases: ClassVar[tuple[str, ...]] = ()
     # args field -> PEFT per-module pattern key (e.g. "r" -> "rank_pattern")
     peft_patterns: ClassVar[dict[str, str]] = {}
+    # whether PEFT's tuner for ``peft_type`` wraps HF Conv1D layers (False: nn.Linear only; PEFT export
+    # of an adapter on Conv1D layers is then refused)
+    peft_conv1d: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # every form's own reset_parameters (its init) becomes a no-op while forms are built for a load
@@ -154,6 +157,16 @@ class Form(nn.Module):
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight()
+
+    def merge_into(self, weight: torch.Tensor, sign: float) -> bool:
+        """Optional in-place merge (``sign`` = +1) or unmerge (``sign`` = −1) into ``weight``, the base
+        layer's own weight in (out, in) layout: a view of its storage (transposed for Conv1D) in the
+        base dtype, modified in place under ``no_grad``. Return True when done; the default returns
+        False and the layer falls back to ``merged_weight``/``unmerged_weight`` (a dense W ± ΔW written
+        back). Forms whose ΔW touches few entries (sparse, scatter forms) override it to write only
+        those, allocating nothing of the weight's size; they must keep the fallback's exactness (an
+        unmerge that restores what the dense path restores, bit for bit where it is bit-exact)."""
+        return False
 
     def reset_parameters(self) -> None:
         """The paper's default initialization (of saved tensors only: a no-op inside ``skip_init()``)."""

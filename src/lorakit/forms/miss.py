@@ -17,7 +17,13 @@ Bn_a ∈ R^{r×r} per output-row block, zero-initialized, and
 The update reads W (the "weight guide"), so the fast path has to materialize ΔW from the current
 base weight (O(m·n·r) per call, like the official code and PEFT); there is no cheaper factored form.
 Unmerge inverts the affine map per block: W_{a,b} = (W'_{a,b} − Bn_a)(I + Bn_a)^{-1}, solved in float64
-(``torch.linalg.solve``, no explicit inverse), so merge→unmerge restores W to ~1e-7 in fp32.
+(``torch.linalg.solve``, no explicit inverse), so merge→unmerge restores W to ~1e-7 in fp32 where
+I + Bn_a is well conditioned. The solve amplifies the rounding of the stored W' by cond(I + Bn_a)
+(random Bn of std 0.3 on 8×8 blocks reach cond ~5e4: errors ~5e-4), so a merge checks its own
+round trip and records, for the output-row blocks that would not come back within a few ulps, the
+pre-merge rows and the rows it wrote (only those blocks; nothing for a well-conditioned adapter).
+Unmerge puts the recorded rows back bit-exactly when the weight still holds what the merge wrote
+there (else it solves, as for the other blocks).
 m·r trainable parameters per layer (tensor ``miss_block``, shape (m/r, r, r)); m and n must be
 divisible by r. Block sharing: PEFT and the official merge script share Bn along the output-row
 block a (``rearrange(W, '(a r1)(b r2) -> b a r1 r2') @ bone``); that is what PEFT files store and the
@@ -50,8 +56,10 @@ Pitfalls handled:
 - PEFT's MiSS does not support ``scale_layer``; these forms have no α either.
 - MiSS with r ∤ n: the trailing shard is zero-padded, i.e. ΔW's last columns use the first n mod r
   rows of D, as PEFT.
-- PEFT's MiSS only wraps ``nn.Linear``: these forms compute correctly on GPT-2 ``Conv1D`` too (ΔW is
-  in the (out, in) layout), but PEFT cannot load such files, so CONV1D_OK is not declared.
+- GPT-2 ``Conv1D`` (weight stored (in, out)): both forms work in the (out, in) layout (bone's blocks
+  and merges read and write the transposed view, miss never reads W), so they declare CONV1D_OK.
+  PEFT's MiSS only wraps ``nn.Linear`` (``peft_conv1d = False``): PEFT export of an adapter on Conv1D
+  layers is refused with a clear message (no adapter_config.json; lorakit's own files still load).
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class _MissFamily(Form):
 
     peft_type = "MISS"
     peft_type_aliases: ClassVar[tuple[str, ...]] = ("BONE",)
+    peft_conv1d = False  # PEFT 0.21.2 MissModel: "only `torch.nn.Linear` (optionally quantized) is supported"
     file_keys = {_BLOCK: _BLOCK}
 
     @classmethod
@@ -105,7 +114,7 @@ class Bone(_MissFamily):
 
     name = "bone"
     Args = BoneArgs
-    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT
+    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK
 
     def __init__(self, base_layer: nn.Module, args: BoneArgs) -> None:
         super().__init__(base_layer, args)
@@ -115,6 +124,8 @@ class Bone(_MissFamily):
                              f"r={r} divides neither or only one of its sides")
         device = base_layer.weight.device
         self.miss_block = nn.Parameter(torch.zeros(m // r, r, r, device=device))
+        # (row-block ids, their pre-merge rows, the rows the merge wrote) for ill-conditioned blocks
+        self._merge_record: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.miss_block)
@@ -142,14 +153,39 @@ class Bone(_MissFamily):
         # its own rounding into the unmerge (which amplifies it by ‖(I + Bn)^{-1}‖)
         bn = self.miss_block.detach().to(torch.float64).unsqueeze(1)
         w = self._blocks(weight.to(torch.float64))
-        return self._unblocks(w @ bn + bn + w).to(weight.dtype)
+        merged = self._unblocks(w @ bn + bn + w).to(weight.dtype)
+        self._record(weight, merged)
+        return merged
 
-    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def _record(self, weight: torch.Tensor, merged: torch.Tensor) -> None:
+        """Keep the rows of the blocks whose solve would not restore ``weight`` within a few ulps."""
+        r = self.args.r
+        stored_dtype = self._base_layer.weight.dtype  # what the base layer will hold (e.g. bf16)
+        stored = merged if stored_dtype == merged.dtype else merged.to(stored_dtype).to(merged.dtype)
+        err = (self._solve(stored) - weight).abs().reshape(-1, r * weight.shape[1]).amax(1)
+        size = torch.maximum(weight.abs(), stored.abs()).reshape(-1, r * weight.shape[1]).amax(1)
+        bad = torch.nonzero(err > 4 * torch.finfo(weight.dtype).eps * size.clamp_min(1e-30)).flatten()
+        if bad.numel() == 0:
+            self._merge_record = None
+            return
+        rows = (bad[:, None] * r + torch.arange(r, device=bad.device)).flatten()
+        self._merge_record = (rows, weight[rows].detach().clone(), stored[rows].detach().clone())
+
+    def _solve(self, weight: torch.Tensor) -> torch.Tensor:
         bn = self.miss_block.detach().to(torch.float64).unsqueeze(1)
         eye = torch.eye(self.args.r, dtype=torch.float64, device=bn.device)
         # W (I + Bn) = W' − Bn  ⇒  W = (W' − Bn)(I + Bn)^{-1}, solved from the right per block
         blocks = torch.linalg.solve(eye + bn, self._blocks(weight.to(torch.float64)) - bn, left=False)
         return self._unblocks(blocks).to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        out = self._solve(weight)
+        record = self._merge_record
+        if record is not None and record[2].dtype == weight.dtype:
+            rows, original, written = record
+            if torch.equal(weight[rows], written):  # still what the merge wrote: restore bit for bit
+                out[rows] = original
+        return out
 
     @classmethod
     def num_trainable(cls, in_features: int, out_features: int, args: BoneArgs) -> int:
@@ -198,7 +234,7 @@ class MiSS(_MissFamily):
 
     name = "miss"
     Args = MiSSArgs
-    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT
+    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK
 
     def __init__(self, base_layer: nn.Module, args: MiSSArgs) -> None:
         super().__init__(base_layer, args)

@@ -38,16 +38,25 @@ the weights, no GEMM; ``bench/shira_switch`` measures it against LoRA fusion). T
 overwrites are recorded, so unmerge writes them back bit-exactly (W + s − s is not W in floating
 point); if the weight at the mask no longer holds what the merge wrote (another adapter changed it
 since), unmerge subtracts instead. ``merge_into_``/``unmerge_from_`` do the same in place on a weight
-for fast adapter switching (``exact=False``: a bare scatter-add, one pass per adapter).
+for fast adapter switching (``exact=False``: a bare scatter-add, one pass per adapter); the layer's
+merge/unmerge use them through the generic ``Form.merge_into`` hook, directly on the base weight's
+storage: no dense (out, in) tensor is allocated (no ΔW, no copy of W). Measured (CPU, 1 thread, r=32,
+fp32, median of 400, interleaved, shared machine): merge of a 576×576 layer 0.25–0.28 ms (former
+clone-scatter-copy path) → 0.15–0.17 ms, unmerge 0.22–0.26 → 0.11 ms; 1536×576: merge 0.58–0.70 →
+0.44–0.51 ms, unmerge 0.47–0.64 → 0.20 ms; the generic W + ΔW path takes 0.4–0.9 and 1.0–1.3 ms.
+The merged value is computed in the form's dtype and rounded once to the base dtype (as the dense
+path W.to(fp32) + ΔW → base dtype), so a bf16 base holds the same bits either way.
 
 PEFT files: tensors ``shira_weight`` (k,) and ``shira_indices`` (2, k) (PEFT writes int32; lorakit
 writes int64, PEFT casts on load; float indices from Windows-saved files are accepted). Indices are
 kept sorted row-major (values permuted with them), which PEFT's mask order already is.
 
 Pitfalls handled: indices are int64 at use; duplicate or out-of-range indices are refused (a COO
-sum would silently add duplicates); k > m·n is refused (as PEFT); per-layer masks by default; PEFT's
-SHiRA only wraps ``nn.Linear`` (this form also computes on GPT-2 ``Conv1D`` in the (out, in)
-layout, but PEFT could not load such files, so CONV1D_OK is not declared).
+sum would silently add duplicates); k > m·n is refused (as PEFT); per-layer masks by default.
+GPT-2 ``Conv1D`` (weight stored (in, out)): indices, ΔW and the fast path are in the (out, in) layout;
+merges write through the transposed view (entry (i, j) is storage element j·out + i), so the form
+declares CONV1D_OK. PEFT's SHiRA only wraps ``nn.Linear`` (``peft_conv1d = False``): PEFT export of
+an adapter on Conv1D layers is refused (no adapter_config.json; lorakit's own files still load).
 """
 
 from __future__ import annotations
@@ -133,8 +142,9 @@ class Shira(Form):
 
     name = "shira"
     Args = ShiraArgs
-    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT
+    caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK
     peft_type = "SHIRA"
+    peft_conv1d = False  # PEFT 0.21.2 ShiraModel: "only `torch.nn.Linear` is supported"
 
     def __init__(self, base_layer: nn.Module, args: ShiraArgs) -> None:
         super().__init__(base_layer, args)
@@ -231,16 +241,28 @@ class Shira(Form):
                                  self._perm_t, self.out_features, self.in_features)
         return base_out + out.reshape(*x.shape[:-1], self.out_features).to(base_out.dtype)
 
-    def _gather(self, weight: torch.Tensor) -> torch.Tensor:
+    def _flat_view(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(1-D view of the storage, flat indices of the mask in it) for a contiguous (out, in) weight or
+        the transposed view of a contiguous (in, out) one (Conv1D); None for other layouts."""
         if weight.is_contiguous():
-            return weight.view(-1).index_select(0, self._flat)
+            return weight.view(-1), self._flat
+        if weight.T.is_contiguous():  # (out, in) view of an (in, out) storage: (i, j) sits at j·out + i
+            rows, cols = self.shira_indices
+            return weight.T.view(-1), cols * self.out_features + rows
+        return None
+
+    def _gather(self, weight: torch.Tensor) -> torch.Tensor:
+        flat = self._flat_view(weight)
+        if flat is not None:
+            return flat[0].index_select(0, flat[1])
         rows, cols = self.shira_indices
         return weight[rows, cols]
 
     def _scatter(self, weight: torch.Tensor, values: torch.Tensor) -> None:
-        if weight.is_contiguous():
-            weight.view(-1).index_copy_(0, self._flat, values)
-        else:  # e.g. the (out, in) view of a Conv1D weight
+        flat = self._flat_view(weight)
+        if flat is not None:
+            flat[0].scatter_(0, flat[1], values)  # (faster than index_copy_ on CPU)
+        else:
             rows, cols = self.shira_indices
             weight[rows, cols] = values
 
@@ -256,7 +278,10 @@ class Shira(Form):
             self._add(weight, 1.0)
             return weight
         original = self._gather(weight)
-        written = original + (self.shira_weight * self.scale).to(weight.dtype)
+        values = self.shira_weight * self.scale
+        # the sum in the form's dtype, rounded once to the weight's (a bf16 base gets what W.float() + ΔW
+        # rounds to, as the dense path)
+        written = (original.to(values.dtype) + values).to(weight.dtype)
         self._scatter(weight, written)
         # what the base layer will hold after the write (a bf16 base rounds what an fp32 merge wrote)
         stored_dtype = self._base_layer.weight.dtype
@@ -278,11 +303,21 @@ class Shira(Form):
     def _add(self, weight: torch.Tensor, scale: float) -> None:
         """W[mask] += scale·s (one read-modify-write pass)."""
         values = (self.shira_weight * scale).to(weight.dtype)
-        if weight.is_contiguous():
-            weight.view(-1).index_add_(0, self._flat, values)
+        flat = self._flat_view(weight)
+        if flat is not None:
+            flat[0].index_add_(0, flat[1], values)
         else:
             rows, cols = self.shira_indices
             weight.index_put_((rows, cols), values, accumulate=True)
+
+    def merge_into(self, weight: torch.Tensor, sign: float) -> bool:
+        """The layer's merge/unmerge hook: the exact in-place scatter (:meth:`merge_into_`, or
+        :meth:`unmerge_from_` for ``sign`` < 0) on the base weight itself."""
+        if sign > 0:
+            self.merge_into_(weight)
+        else:
+            self.unmerge_from_(weight)
+        return True
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self.merge_into_(weight.clone())

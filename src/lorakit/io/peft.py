@@ -92,6 +92,10 @@ def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict
         "revision": None,
     }
     if state.meta.get("fan_in_fan_out"):  # Conv1D (GPT-2) weights are stored (in, out)
+        if not cls.peft_conv1d:
+            raise PeftIncompatibleError(f"form {cls.name!r} is on HF Conv1D layers (GPT-2 style, weight stored "
+                                        f"(in, out)), and PEFT's {cls.peft_type} tuner wraps only torch.nn.Linear: "
+                                        f"PEFT could not load the adapter")
         config["fan_in_fan_out"] = True
     unexpressible = sorted({f for over in state.spec.module_args.values() for f in over}
                            - set(cls.peft_patterns) - {"dropout"})

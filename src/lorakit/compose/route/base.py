@@ -25,7 +25,8 @@ contraction with B.
 
 - ``lorakit_router.json``: method, its args, adapter names, module paths, ranks, format version;
 - ``bank.safetensors``: the stacked adapters (``<path>.A``, ``.B``, ``.scale``, ``.bias``);
-- ``router.safetensors``: the router's own tensors (gates, user MLP).
+- ``router.safetensors``: the router's own tensors (gates, user MLP) and its :meth:`RoutedModel.extra_state`
+  (e.g. the reference values of LoRA-Mixer's joint-regime preservation term).
 
 Each file is written atomically and the JSON last, so an interrupted save is detected on load.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,20 +338,36 @@ class RoutedModel(nn.Module):
         """Router-level modules (override); their state is saved with the gates."""
         return nn.Module()
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors (not parameters) the router needs after a load, saved with the gates (override; keys
+        must not start with a module path's ``<path>.gate.`` or ``_router.``)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`extra_state` (called with exactly its keys)."""
+
     def router_state(self) -> dict[str, torch.Tensor]:
         state = {}
         for path, layer in self.layers.items():
             if layer.gate is not None:
                 state.update({f"{path}.gate.{k}": v for k, v in layer.gate.state_dict().items()})
         state.update({f"_router.{k}": v for k, v in self.router_modules().state_dict().items()})
+        state.update(self.extra_state())
         return state
 
     def load_router_state(self, state: dict[str, torch.Tensor]) -> None:
         mine = self.router_state()
+        extra_keys = set(self.extra_state())
         missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        if missing and set(missing) == extra_keys and not extra:  # a file written before extra_state existed
+            warnings.warn(f"router {self.name!r}: the file holds no {sorted(extra_keys)[:2]}... (saved by an older "
+                          f"lorakit); keeping the values built from the loaded tensors", stacklevel=2)
+            extra_keys, missing = set(), []
         if missing or extra:
             raise RouterError(f"router tensors do not match this router: missing {missing[:3]}, unexpected "
                               f"{extra[:3]}")
+        if extra_keys:
+            self.load_extra_state({k: state[k] for k in extra_keys})
         for path, layer in self.layers.items():
             if layer.gate is not None:
                 prefix = f"{path}.gate."

@@ -31,8 +31,11 @@ peaked routing (sign = +1); reviewers flagged this, so the sign is configurable.
 L_task + L_RSL + β Σ_i ‖θ_i − θ_i^(0)‖² (expert preservation for reused experts, joint regime only).
 
 Regimes: ``regime="router_only"`` (frozen public LoRAs, only W_r trains; default) and ``"joint"``
-(experts trainable, with the β preservation term against their loaded values; start from PEFT files
-or from fresh experts, ``route.fresh_bank``). Both train with the generic Trainer through
+(experts trainable, with the β preservation term against their values when the router was built; start
+from PEFT files or from fresh experts, ``route.fresh_bank``). Those reference values θ^(0) are saved
+with the router (``_reference.<path>.<A|B|bias>`` in router.safetensors, joint regime with β ≠ 0
+only) and restored on load, so training resumed from a saved router keeps pulling toward θ^(0).
+Both train with the generic Trainer through
 ``route.train_router``: the task loss from your ``loss_fn`` plus :meth:`LoRAMixer.aux_loss` (L_RSL, β
 term, label term), which the Trainer adds because the model exposes ``aux_loss()``.
 
@@ -56,6 +59,7 @@ from lorakit.compose.route.base import ExpertTensors, RoutedLinear, RoutedModel,
 from lorakit.compose.route.meteora import topk_weights
 
 REGIMES = ("router_only", "joint")
+REFERENCE = "_reference"  # router-file key prefix of θ^(0) (joint regime with β ≠ 0)
 F_DEFS = ("argmax", "topk")
 
 
@@ -126,9 +130,22 @@ class LoRAMixer(RoutedModel):
         return self.args.regime == "joint"
 
     def build(self) -> None:
-        # θ^(0): the loaded experts, for the preservation term of the joint regime
-        self._initial = {p: [t.detach().clone() for t in la.stack.parameters()] for p, la in self.layers.items()} \
-            if self.args.regime == "joint" else {}
+        # θ^(0): the experts as the router was built on them, for the preservation term of the joint regime
+        # (saved with the router: after a load the bank holds the trained θ, not θ^(0))
+        uses = self.args.regime == "joint" and self.args.preserve_coef != 0
+        self._initial = {p: {n: t.detach().clone() for n, t in la.stack.named_parameters()}
+                         for p, la in self.layers.items()} if uses else {}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"{REFERENCE}.{p}.{n}": t for p, ts in self._initial.items() for n, t in ts.items()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        for p, ts in self._initial.items():
+            for n, t in ts.items():
+                saved = state[f"{REFERENCE}.{p}.{n}"]
+                if saved.shape != t.shape:
+                    raise RouterError(f"{REFERENCE}.{p}.{n}: shape {tuple(saved.shape)}, expected {tuple(t.shape)}")
+                t.copy_(saved)
 
     def compute_weights(self, layer: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         logits = layer.gate(x.to(layer.gate.weight.dtype))
@@ -173,8 +190,9 @@ class LoRAMixer(RoutedModel):
             loss = loss + a.label_coef * torch.nn.functional.cross_entropy(
                 torch.cat(flat_l), t.masked_fill(t < 0, -100), ignore_index=-100)
         if self._initial:
-            loss = loss + a.preserve_coef * sum(((t - t0) ** 2).sum() for p, la in self.layers.items()
-                                                for t, t0 in zip(la.stack.parameters(), self._initial[p]))
+            loss = loss + a.preserve_coef * sum(((t - self._initial[p][n].to(t)) ** 2).sum()
+                                                for p, la in self.layers.items()
+                                                for n, t in la.stack.named_parameters())
         return loss
 
     def routing_accuracy(self, task_ids: torch.Tensor) -> float:
