@@ -88,6 +88,7 @@ class BankLayer:
         self.npages = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.free_pages = list(range(num_pages, 0, -1))  # page 0 is the shared zero page
         self.resident = 0  # adapters resident with pages here
+        self.version = 0  # bumped whenever a slot's pages change here (upload/evict): invalidates gather caches
 
     @property
     def page_bytes(self) -> int:
@@ -187,7 +188,12 @@ class AdapterBank:
         self._free_slots = list(range(self.max_slots - 1, -1, -1))
         self._slot_owner: dict[int, str] = {}
         self.used_bytes = 0
-        self.stats = {"uploads": 0, "evictions": 0}
+        # Unified budget (S-LoRA): bytes of a budget shared with other users (the engine's KV pages) that
+        # they hold, and the shared limit; adapters fit while used_bytes + reserved_bytes <= limit_bytes.
+        self.reserved_bytes = 0
+        self.limit_bytes = budget_bytes
+        # acquires: acquire() calls (also those refused with BankFullError); hits: already resident
+        self.stats = {"acquires": 0, "hits": 0, "uploads": 0, "evictions": 0}
 
     @classmethod
     def for_model(cls, model: nn.Module, targets: Iterable[str] = DEFAULT_SERVING_TARGETS, **kwargs) -> AdapterBank:
@@ -265,9 +271,11 @@ class AdapterBank:
         if name is None:
             return -1
         host = self._get(name)
+        self.stats["acquires"] += 1
         if host.slot < 0:
             self._upload(host)
         else:
+            self.stats["hits"] += 1
             self._lru.pop(name, None)
         host.in_use += 1
         return host.slot
@@ -296,9 +304,22 @@ class AdapterBank:
                                    + (" ..." if len(self.adapters) > 10 else ""))
         return host
 
+    def _bytes_short(self, nbytes: int) -> bool:
+        return self.used_bytes + self.reserved_bytes + nbytes > self.limit_bytes
+
+    def free_bytes_for(self, nbytes: int) -> bool:
+        """Evict idle (unpinned, unused) adapters, least recently used first, until ``nbytes`` more bytes
+        of the shared limit are free (unified budget: KV growth evicts idle adapters); False if impossible."""
+        for victim in list(self._lru):
+            if not self._bytes_short(nbytes):
+                break
+            self._evict(self.adapters[victim])
+            self.stats["evictions"] += 1
+        return not self._bytes_short(nbytes)
+
     def _fits(self, host: HostAdapter) -> bool:
-        return bool(self._free_slots) and all(len(self.layers[p].free_pages) >= ap.shape[0]
-                                              for p, (ap, _, _) in host.modules.items())
+        return not self._bytes_short(host.nbytes_pages) and bool(self._free_slots) and all(
+            len(self.layers[p].free_pages) >= ap.shape[0] for p, (ap, _, _) in host.modules.items())
 
     def _upload(self, host: HostAdapter) -> None:
         if not all(ap.shape[0] <= self.num_pages for ap, _, _ in host.modules.values()):
@@ -317,6 +338,7 @@ class AdapterBank:
             layer.page_table[slot, :n] = idx
             layer.npages[slot] = n
             layer.resident += 1
+            layer.version += 1
             host.pages[path] = pages
         host.slot = slot
         self._slot_owner[slot] = host.name
@@ -332,10 +354,11 @@ class AdapterBank:
         help (no pages in a module that is short, and slots are not short)."""
         for victim in list(self._lru):  # stops at the first point where everything fits
             short = self._short(host)
-            if not short and self._free_slots:
+            bytes_short = self._bytes_short(host.nbytes_pages)
+            if not short and self._free_slots and not bytes_short:
                 return
             other = self.adapters[victim]
-            if not self._free_slots or short & other.pages.keys():
+            if not self._free_slots or bytes_short or short & other.pages.keys():
                 self._evict(other)
                 self.stats["evictions"] += 1
         if not self._fits(host):
@@ -351,6 +374,7 @@ class AdapterBank:
             layer.page_table[slot].zero_()
             layer.free_pages.extend(pages)  # stale page contents are never read: tables point elsewhere
             layer.resident -= 1
+            layer.version += 1
         host.pages = {}
         host.slot = -1
         self._lru.pop(host.name, None)

@@ -4,22 +4,43 @@
   per batch row, the LoRA update of that row's adapter through ``lorakit.serving.kernels`` (prefill
   and decode alike); the rows' adapter slots for the current forward live in a shared
   ``ServingContext`` (one ``RowPlan`` per step, shared by all layers).
-- ``ServingEngine``: requests join (batched, left-padded prefill) and leave (rows dropped from the
-  batch KV cache) at every step; greedy or sampled decoding (temperature, top-k, top-p, per-request
+- ``ServingEngine``: requests join (batched prefill: left-padded for the dense cache, right-padded
+  with padding never stored for the paged one) and leave (rows dropped from the batch KV cache, or
+  their pages freed) at every step; greedy or sampled decoding (temperature, top-k, top-p, per-request
   seed); stop on EOS / stop token ids / stop token sequences / max_new_tokens / context length;
   streaming through ``step()`` events or ``stream()``; cancel frees the row and the adapter;
-  admission control counts rows, KV-cache bytes (padded batch) and adapter residency (an adapter that
+  admission control counts rows, KV-cache bytes (padded batch, or reserved pages) and adapter residency
+  (with ``unified_budget_bytes``, KV and adapter pages in one budget) (an adapter that
   cannot be made resident keeps its request queued); a bounded queue refuses instead of growing.
 
-KV cache: one Hugging Face ``DynamicCache`` for the running batch, left-padded with an attention
-mask and explicit position ids (simple and exact; S-LoRA's paged KV cache and transformers'
-continuous-batching paged cache are the faster designs, left for later: the latter flattens all
-sequences into one ragged row, which needs per-token adapter slots — RowPlan already supports them
-with tokens_per_row=1 over a flattened batch).
+KV cache, two implementations (``kv=``):
+
+- ``"dense"`` (default): one Hugging Face ``DynamicCache`` for the running batch, left-padded with an
+  attention mask and explicit position ids. A join concatenates the joiners' caches with left padding
+  and a leave index-selects the whole cache (both copy every row); admission counts the padded
+  batch's bytes (rows × longest prompt+max_new_tokens) against ``kv_budget_bytes``.
+- ``"paged"``: ``lorakit.serving.kv.PagedKVCache`` (vLLM/S-LoRA style): fixed-size pages of
+  ``page_tokens`` tokens, a block table per request, pages allocated on demand as the request grows
+  and returned when it finishes, no padding stored; joins and leaves touch only that request's pages.
+  Admission RESERVES, per request, the pages of prompt + max_new_tokens (capped at the context
+  length) -- a conservative policy with no preemption: a running request can never run out of KV
+  memory; pages are still allocated physically on demand, so the pages in use (``kv_stats``) are
+  usually below the reservation. Budget: ``kv_budget_bytes`` (KV alone) or
+  ``unified_budget_bytes`` (S-LoRA unified paging, Sheng et al., MLSys 2024, arXiv 2311.03285, Sec. 4.1):
+  one byte budget shared by adapter pages and KV pages: the bank's ``limit_bytes`` is the unified
+  budget and its ``reserved_bytes`` the KV reservation, so an adapter upload fits only in bytes not
+  reserved for KV, and a KV reservation evicts idle (unpinned, unused) adapters, least recently used
+  first (``AdapterBank.free_bytes_for``). Honest scope: the budget is one shared byte ACCOUNT over two
+  physical pools (adapter pages have shape page_rows × (in+out) per module, KV pages page_tokens ×
+  kv_heads × head_dim per layer): the bank's pools stay preallocated at the bank's ``budget_bytes``
+  and the KV pool grows on demand up to ``unified_budget_bytes // page_bytes`` pages, so physical
+  memory can exceed the unified budget by the bank's preallocation; S-LoRA's single physical buffer
+  (one page = one H-wide vector) is not reproduced.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -31,18 +52,30 @@ from torch import nn
 
 from lorakit.serving.bank import AdapterBank, AdapterBankError, BankFullError
 from lorakit.serving.kernels import RowPlan, batched_lora
+from lorakit.serving.kv import PagedKVCache, PagedKVPool, attention_mask_for
 
 
 class ServingContext:
     """What every ServedLinear reads during one forward: the step's RowPlan and the kernel backend."""
 
-    def __init__(self, backend: str = "auto", path: str = "auto") -> None:
+    def __init__(self, backend: str = "auto", path: str = "auto", gather_cache_bytes: int = 64 << 20) -> None:
         self.plan: RowPlan | None = None
         self.backend = backend
         self.path = path
+        self.gather_cache_bytes = gather_cache_bytes
+        self._last: RowPlan | None = None
 
     def set_rows(self, slots: torch.Tensor, tokens_per_row: int) -> None:
-        self.plan = RowPlan.build(slots, tokens_per_row=tokens_per_row, path=self.path)
+        """The step's plan. Decode steps with the same row slots as the previous one reuse its plan and
+        so its per-layer gathered adapter weights (``RowPlan.gathered``; entries are checked against the
+        bank layer's version, so an upload/evict in between can never serve stale pages)."""
+        flat, last = slots.reshape(-1).long(), self._last
+        if (tokens_per_row == 1 and last is not None and last.tokens_per_row == 1
+                and last.slots.shape == flat.shape and torch.equal(last.slots, flat)):
+            self.plan = last
+            return
+        self.plan = self._last = RowPlan.build(flat, tokens_per_row=tokens_per_row, path=self.path)
+        self.plan.gather_limit = self.gather_cache_bytes if tokens_per_row == 1 else 0
 
 
 class ServedLinear(nn.Module):
@@ -131,7 +164,14 @@ class ServingEngine:
     def __init__(self, model: nn.Module, bank: AdapterBank, *, max_batch: int = 32, max_queue: int = 1024,
                  kv_budget_bytes: int | None = None, max_context: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None, backend: str = "auto", path: str = "auto",
-                 pad_token_id: int = 0) -> None:
+                 pad_token_id: int = 0, kv: str = "dense", page_tokens: int = 16,
+                 unified_budget_bytes: int | None = None) -> None:
+        if kv not in ("dense", "paged"):
+            raise ValueError(f"kv must be 'dense' or 'paged', got {kv!r}")
+        if unified_budget_bytes is not None and kv != "paged":
+            raise ValueError("unified_budget_bytes needs kv='paged' (the dense cache has no pages to account)")
+        if unified_budget_bytes is not None and kv_budget_bytes is not None:
+            raise ValueError("pass kv_budget_bytes (KV alone) or unified_budget_bytes (KV + adapters), not both")
         self.model = model.eval()
         self.bank = bank
         self.ctx = serve_model(model, bank, ServingContext(backend, path))
@@ -147,6 +187,22 @@ class ServingEngine:
         self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * elt
         self.kv_budget_bytes = kv_budget_bytes
         self.device = next(model.parameters()).device
+        self.kv_mode = kv
+        # project only the positions whose logits are used onto the vocabulary (HF ``logits_to_keep``)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.unified_budget_bytes = unified_budget_bytes
+        self.kv_cache: PagedKVCache | None = None
+        self._kv_reserved: dict[int, int] = {}  # request id -> reserved KV bytes (paged)
+        self.kv_reserved_bytes = 0
+        if kv == "paged":
+            pool = PagedKVPool.for_model(model, page_tokens=page_tokens)
+            limit = unified_budget_bytes if unified_budget_bytes is not None else kv_budget_bytes
+            pool.max_pages = None if limit is None else limit // pool.page_bytes
+            self.kv_cache = PagedKVCache(pool)
+            if unified_budget_bytes is not None:
+                bank.limit_bytes = unified_budget_bytes
+                bank.reserved_bytes = 0
+        self.kv_stats = {"peak_bytes": 0, "peak_reserved_bytes": 0}
         self.queue: deque[Request] = deque()
         self.rows: list[Request] = []
         self.cache = None  # DynamicCache of the running rows
@@ -166,6 +222,10 @@ class ServingEngine:
         if len(request.prompt) + request.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds the context length {self.max_context}")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < (vocab or t + 1)
+                   for t in request.prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if request.adapter is not None:
             self.bank._get(request.adapter)  # unknown adapter: clear error now
         request.id = next(self._ids)
@@ -206,9 +266,25 @@ class ServingEngine:
         if decoding:
             events += self._decode()
         if joiners:
-            events += self._prefill(joiners)
+            try:
+                events += self._prefill(joiners)
+            except Exception as e:  # noqa: BLE001 - fail these requests (never lose them), keep serving
+                events += self._fail_joiners(joiners, e)
         self._drop_finished()
         return events
+
+    def _fail_joiners(self, joiners: list[Request], err: Exception) -> list[TokenEvent]:
+        """Finish joiners whose prefill raised with an error event; release those not in the batch
+        (the batch's rows are released by ``_drop_finished``)."""
+        in_batch = {id(r) for r in self.rows}
+        for r in joiners:
+            r.error, r.finish_reason = f"engine error during prefill: {type(err).__name__}: {err}", "error"
+            if id(r) not in in_batch:
+                self.bank.release(r.adapter)
+                self.requests.pop(r.id, None)
+                if self.kv_cache is not None:
+                    self._unreserve_kv(r)
+        return [TokenEvent(r.id, None, True, "error") for r in joiners]
 
     def stream(self) -> Iterator[TokenEvent]:
         while not self.idle:
@@ -229,7 +305,50 @@ class ServingEngine:
         longest = max(len(r.prompt) + r.max_new_tokens for r in reqs)
         return len(reqs) * longest * self.kv_bytes_per_token <= self.kv_budget_bytes
 
+    def _kv_need(self, req: Request) -> int:
+        """Bytes of the KV pages ``req`` reserves (paged): prompt + max_new_tokens, capped at the context."""
+        pool = self.kv_cache.pool
+        return pool.pages_for(min(len(req.prompt) + req.max_new_tokens, self.max_context)) * pool.page_bytes
+
+    def _reserve_kv(self, req: Request) -> bool:
+        """Reserve ``req``'s KV bytes; under a unified budget, evict idle adapters to make room."""
+        need = self._kv_need(req)
+        if self.unified_budget_bytes is not None:
+            if not self.bank.free_bytes_for(need):
+                return False
+            self.bank.reserved_bytes += need
+        elif self.kv_budget_bytes is not None and self.kv_reserved_bytes + need > self.kv_budget_bytes:
+            return False
+        self._kv_reserved[req.id] = need
+        self.kv_reserved_bytes += need
+        self.kv_stats["peak_reserved_bytes"] = max(self.kv_stats["peak_reserved_bytes"], self.kv_reserved_bytes)
+        return True
+
+    def _unreserve_kv(self, req: Request) -> None:
+        need = self._kv_reserved.pop(req.id, 0)
+        self.kv_reserved_bytes -= need
+        if self.unified_budget_bytes is not None:
+            self.bank.reserved_bytes -= need
+
+    def _over_budget(self, req: Request) -> str | None:
+        """Why ``req`` can never run, however long it waits (paged): more than the whole budget."""
+        need = self._kv_need(req)
+        host = self.bank.adapters.get(req.adapter) if req.adapter is not None else None
+        if self.unified_budget_bytes is not None:
+            pinned = sum(h.nbytes_pages for h in self.bank.adapters.values()
+                         if h.pinned and h.slot >= 0 and h is not host)
+            total = need + (host.nbytes_pages if host is not None else 0)
+            if total + pinned > self.unified_budget_bytes:
+                return (f"request needs {need} bytes of KV pages + {total - need} bytes of adapter pages, more than "
+                        f"the unified budget of {self.unified_budget_bytes} bytes"
+                        + (f" ({pinned} bytes held by pinned adapters)" if pinned else ""))
+        elif self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            return f"request needs {need} bytes of KV pages, more than the KV budget of {self.kv_budget_bytes} bytes"
+        return None
+
     def _admit(self) -> list[Request]:
+        if self.kv_cache is not None:
+            return self._admit_paged()
         joiners: list[Request] = []
         while self.queue and len(self.rows) + len(joiners) < self.max_batch:
             req = self.queue[0]
@@ -257,11 +376,79 @@ class ServingEngine:
             joiners.append(self.queue.popleft())
         return joiners
 
+    def _admit_paged(self) -> list[Request]:
+        joiners: list[Request] = []
+        while self.queue and len(self.rows) + len(joiners) < self.max_batch:
+            req = self.queue[0]
+            alone = not self.rows and not joiners
+            try:
+                why = self._over_budget(req)
+                if why is not None:
+                    raise AdapterBankError(why)
+                req._slot = self.bank.acquire(req.adapter)
+            except BankFullError as e:
+                if not alone:
+                    break  # wait until a running request releases its adapter or KV pages
+                self.queue.popleft()
+                req.error = str(e)
+                self._finish(req, "error", in_batch=False)
+                continue
+            except AdapterBankError as e:  # over the whole budget, or removed since submit
+                self.queue.popleft()
+                req.error = str(e)
+                self._finish(req, "error", in_batch=False)
+                continue
+            if not self._reserve_kv(req):
+                self.bank.release(req.adapter)
+                if not alone:
+                    break
+                self.queue.popleft()
+                req.error = "request's KV pages do not fit in the budget (pinned adapters hold the rest)"
+                self._finish(req, "error", in_batch=False)
+                continue
+            joiners.append(self.queue.popleft())
+        return joiners
+
+    def _forward_paged(self, reqs: list[Request], ids: torch.Tensor, new_lens: list[int]) -> torch.Tensor:
+        """One forward of ``reqs`` (ids right-padded, (B, q)) over the paged cache; logits of each row's
+        last new token."""
+        cache = self.kv_cache
+        b, q = ids.shape
+        past = torch.tensor([cache.length(r.id) for r in reqs], dtype=torch.long)
+        plan = cache.prepare([r.id for r in reqs], new_lens, q)
+        pos = (past[:, None] + torch.arange(q)[None, :]).clamp(max=self.max_context - 1)
+        slots = torch.tensor([r._slot for r in reqs], dtype=torch.long, device=self.bank.device)
+        last = torch.tensor(new_lens, dtype=torch.long) - 1
+        keep = {"logits_to_keep": last[:, None].to(self.device)} if self._keep_logits else {}
+        self.ctx.set_rows(slots, q)
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=attention_mask_for(self.model, plan.mask),
+                             position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, **keep)
+            cache.commit()
+        finally:
+            self.ctx.plan = None
+            cache.plan = None
+        used = cache.pool.used_pages * cache.pool.page_bytes
+        self.kv_stats["peak_bytes"] = max(self.kv_stats["peak_bytes"], used)
+        if self._keep_logits:
+            return out.logits[:, -1].float()
+        last = last.to(out.logits.device)
+        return out.logits[torch.arange(b, device=out.logits.device), last].float()
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of KV cache held now: pages in use (paged) or the cache tensors (dense, padding included)."""
+        if self.kv_cache is not None:
+            return self.kv_cache.used_pages * self.kv_cache.pool.page_bytes
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
     def _forward(self, ids, mask, pos, cache, slots, tokens_per_row):
         self.ctx.set_rows(slots, tokens_per_row)
         try:
+            keep = {"logits_to_keep": 1} if self._keep_logits else {}
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True)
+                             use_cache=True, **keep)
         finally:
             self.ctx.plan = None
         return out.logits[:, -1].float(), out.past_key_values
@@ -270,6 +457,14 @@ class ServingEngine:
         from transformers import DynamicCache
 
         length = max(len(r.prompt) for r in joiners)
+        if self.kv_cache is not None:
+            ids = torch.full((len(joiners), length), self.pad_token_id, dtype=torch.long)
+            for i, r in enumerate(joiners):
+                ids[i, :len(r.prompt)] = torch.tensor(list(r.prompt))
+                self.kv_cache.add(r.id)
+            self.rows = self.rows + list(joiners)
+            logits = self._forward_paged(joiners, ids, [len(r.prompt) for r in joiners])
+            return self._emit(joiners, logits)
         ids = torch.full((len(joiners), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(joiners), length, dtype=torch.long)
         for i, r in enumerate(joiners):
@@ -285,6 +480,9 @@ class ServingEngine:
 
     def _decode(self) -> list[TokenEvent]:
         b = len(self.rows)
+        if self.kv_cache is not None:
+            ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
+            return self._emit(self.rows, self._forward_paged(self.rows, ids, [1] * b))
         ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
         slots = torch.tensor([r._slot for r in self.rows], dtype=torch.long, device=self.bank.device)
@@ -322,6 +520,12 @@ class ServingEngine:
             if r.finished:
                 self.bank.release(r.adapter)
                 self.requests.pop(r.id, None)
+                if self.kv_cache is not None:
+                    self.kv_cache.remove(r.id)  # O(pages of this row): back to the free list
+                    self._unreserve_kv(r)
+        if self.kv_cache is not None:
+            self.rows = [self.rows[i] for i in keep]
+            return
         if not keep:
             self.rows, self.cache, self.mask, self.pos = [], None, None, None
             return

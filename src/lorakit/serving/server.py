@@ -157,7 +157,7 @@ def create_app(engine: ServingEngine, tokenizer: Any, *, adapter_root: str | Pat
 
     def encode(text: str) -> list[int]:
         ids = tokenizer.encode(text)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # dict or BatchEncoding
 
     def chat_ids(messages: Any) -> list[int]:
         if not isinstance(messages, list) or not messages or not all(
@@ -165,7 +165,7 @@ def create_app(engine: ServingEngine, tokenizer: Any, *, adapter_root: str | Pat
             raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects")
         if getattr(tokenizer, "chat_template", None):
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # dict or BatchEncoding
         return encode("".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in messages) + "assistant:")
 
     def make_request(body: dict, prompt: list[int]) -> tuple[Request, list[str]]:
@@ -193,14 +193,15 @@ def create_app(engine: ServingEngine, tokenizer: Any, *, adapter_root: str | Pat
 
     async def tokens(rid: int, queue: asyncio.Queue, req: Request, stop: list[str]):
         """Yields (text delta, finish_reason or None); cancels the request if the consumer goes away."""
-        text, sent, done = "", 0, False
+        text, sent, done, ids = "", 0, False, []
         try:
             while not done:
                 ev: TokenEvent = await queue.get()
                 done = ev.finished
                 reason = ev.finish_reason if done else None
                 if ev.token is not None:
-                    text = tokenizer.decode(req.tokens)
+                    ids.append(ev.token)  # not req.tokens: the engine thread may be ahead of this event
+                    text = tokenizer.decode(ids)
                     hit = min((text.find(s) for s in stop if s and s in text), default=-1)
                     if hit >= 0:
                         text, reason = text[:hit], "stop"
@@ -319,7 +320,8 @@ def create_app(engine: ServingEngine, tokenizer: Any, *, adapter_root: str | Pat
 def build_server(model_path: str | None, adapter_dirs: list[str], *, budget_bytes: int = 512 << 20,
                  max_batch: int = 32, max_queue: int = 256, targets: list[str] | None = None):
     """(app, engine) for a model path (default: the embedded model) and adapter folders (each a
-    PEFT/lorakit adapter or a folder of them); the first adapter folder is the allowed root."""
+    PEFT/lorakit adapter, named after its folder, or a folder of them, named after their subfolders);
+    the first adapter folder is the allowed root."""
     from lorakit.io.peft import load_adapter_dirs
     from lorakit.models import load_model
     from lorakit.serving.bank import DEFAULT_SERVING_TARGETS
@@ -327,7 +329,11 @@ def build_server(model_path: str | None, adapter_dirs: list[str], *, budget_byte
     model, tokenizer = load_model(model_path) if model_path else load_model()
     states = {}
     for d in adapter_dirs:
-        states.update(load_adapter_dirs(d))
+        for name, st in load_adapter_dirs(d).items():
+            name = Path(d).resolve().name if name == "default" else name  # a folder that is one adapter
+            if name in states:
+                raise ValueError(f"two adapters named {name!r} (from {d}); adapter names must be unique")
+            states[name] = st
     wanted = set(targets or DEFAULT_SERVING_TARGETS)
     for st in states.values():
         wanted |= {m.rpartition(".")[2] for m in st.modules}
