@@ -363,11 +363,20 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     budget_mb: Annotated[int, typer.Option(help="device pool for adapter weights, in MB")] = 512,
     max_batch: Annotated[int, typer.Option(help="rows decoded together")] = 32,
+    kv: Annotated[str, typer.Option(help="KV cache: 'dense' (padded batch) or 'paged'")] = "dense",
+    unified_budget_mb: Annotated[int | None, typer.Option(
+        help="one budget for adapter and KV pages (S-LoRA unified paging; needs --kv paged)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: $LORAKIT_THREADS or torch's)")] = None,
 ) -> None:
     """OpenAI-compatible multi-adapter server (needs the `serving` extra); "model" = adapter name."""
     from lorakit.serving.server import main as serve_main
 
-    argv = ["--host", host, "--port", str(port), "--budget-mb", str(budget_mb), "--max-batch", str(max_batch)]
+    argv = ["--host", host, "--port", str(port), "--budget-mb", str(budget_mb), "--max-batch", str(max_batch),
+            "--kv", kv]
+    if unified_budget_mb is not None:
+        argv += ["--unified-budget-mb", str(unified_budget_mb)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
     if model:
         argv += ["--model", model]
     if adapters:

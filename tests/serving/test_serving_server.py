@@ -30,8 +30,9 @@ class ByteTokenizer:
         return "".join(chr(33 + i % 90) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["dense", "paged"])
+def served(request, tmp_path_factory):
+    """The server over the padded-batch KV cache, and over the paged one with a unified budget (S-LoRA)."""
     base = tiny_base()
     root = tmp_path_factory.mktemp("srv")
     dirs = write_peft_adapters(base, root)
@@ -39,7 +40,9 @@ def served(tmp_path_factory):
     bank = AdapterBank.for_model(model, budget_bytes=1 << 20)
     for n in ("a", "b"):
         bank.add(n, dirs[n])
-    engine = ServingEngine(model, bank, max_batch=4, max_context=64)
+    paged = request.param == "paged"
+    engine = ServingEngine(model, bank, max_batch=4, max_context=64, kv=request.param,
+                           unified_budget_bytes=(2 << 20) if paged else None)
     app = create_app(engine, ByteTokenizer(), adapter_root=root)
     with TestClient(app) as client:
         yield client, engine, base, dirs, root

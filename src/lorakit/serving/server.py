@@ -318,7 +318,8 @@ def create_app(engine: ServingEngine, tokenizer: Any, *, adapter_root: str | Pat
 
 
 def build_server(model_path: str | None, adapter_dirs: list[str], *, budget_bytes: int = 512 << 20,
-                 max_batch: int = 32, max_queue: int = 256, targets: list[str] | None = None):
+                 max_batch: int = 32, max_queue: int = 256, targets: list[str] | None = None, kv: str = "dense",
+                 unified_budget_bytes: int | None = None):
     """(app, engine) for a model path (default: the embedded model) and adapter folders (each a
     PEFT/lorakit adapter, named after its folder, or a folder of them, named after their subfolders);
     the first adapter folder is the allowed root."""
@@ -340,7 +341,8 @@ def build_server(model_path: str | None, adapter_dirs: list[str], *, budget_byte
     bank = AdapterBank.for_model(model, targets=wanted, budget_bytes=budget_bytes)
     for name, st in states.items():
         bank.add(name, st)
-    engine = ServingEngine(model, bank, max_batch=max_batch, max_queue=max_queue,
+    engine = ServingEngine(model, bank, max_batch=max_batch, max_queue=max_queue, kv=kv,
+                           unified_budget_bytes=unified_budget_bytes,
                            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
     return create_app(engine, tokenizer, adapter_root=adapter_dirs[0] if adapter_dirs else None), engine
 
@@ -353,10 +355,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--budget-mb", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--kv", choices=("dense", "paged"), default="dense", help="KV cache: padded batch or paged")
+    p.add_argument("--unified-budget-mb", type=int, default=None,
+                   help="one budget for adapter and KV pages (S-LoRA unified paging; needs --kv paged)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $LORAKIT_THREADS or torch's)")
     args = p.parse_args(argv)
+    if args.unified_budget_mb is not None and args.kv != "paged":
+        p.error("--unified-budget-mb needs --kv paged")
     import uvicorn
 
-    app, _ = build_server(args.model, args.adapters, budget_bytes=args.budget_mb << 20, max_batch=args.max_batch)
+    from lorakit.models import set_threads
+
+    set_threads(args.threads)
+    app, _ = build_server(args.model, args.adapters, budget_bytes=args.budget_mb << 20, max_batch=args.max_batch,
+                          kv=args.kv, unified_budget_bytes=None if args.unified_budget_mb is None
+                          else args.unified_budget_mb << 20)
     uvicorn.run(app, host=args.host, port=args.port)
 
 
