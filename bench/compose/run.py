@@ -71,27 +71,26 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # scikit-learn k-means (LEGO) would start a thread per core
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 TASKS = ("sentiment", "supersense", "chatterbot", "wordnet_pos")
 GAIN_MIN = 0.05  # gain kept is averaged over the tasks (and seeds) where own − base >= this
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+common.quiet_warnings()
 
 
 def log(msg: str) -> None:
@@ -99,32 +98,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ machine
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
-def pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-
-
 class Clock:
     """Wall and process-CPU seconds of a block."""
 
@@ -346,7 +319,7 @@ def time_merges(model: Any, args: argparse.Namespace) -> dict[str, Any]:
             ("lorahub (compose at given weights)", "lorahub", {})]
     times: dict[str, dict[str, list[float]]] = {label: {"wall": [], "cpu": []} for label, _, _ in plan}
     for rep in range(args.time_repeats):
-        order = plan[rep % len(plan):] + plan[: rep % len(plan)]
+        order = common.rotated(plan, rep)
         for label, method, margs in order:
             weights = [1.0 / len(states)] * len(states)
             with Clock() as c:
@@ -487,21 +460,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"compose: 4 task adapters (LoRA r={cfg['rank']}, {cfg['steps']}×{cfg['batch_size']} steps) merged or "
                  f"routed; SmolLM2-135M; bars = mean over {len(cfg['seeds'])} seeds, whiskers = std", fontsize=9)
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.36))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    common.save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rank", type=int, default=8)
@@ -554,9 +518,9 @@ def render(path: Path) -> None:
     result = json.loads(path.read_text())
     result["aggregate"] = aggregate(result)
     result["summary"] = summary_line(result)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(path.parent / "compose.png", lambda p: plot(result, p))
-    _atomic_write(path.parent / "table.md", lambda p: p.write_text(table_md(result)))
+    common.write_json(path, result)
+    common.atomic_write(path.parent / "compose.png", lambda p: plot(result, p))
+    common.atomic_write(path.parent / "table.md", lambda p: p.write_text(table_md(result)))
     print(table_md(result))
     print(result["summary"])
 
@@ -567,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         render(args.render)
         return
     t_start, c_start = time.perf_counter(), time.process_time()
-    pin_threads()
+    common.pin_threads()
     args.out.mkdir(parents=True, exist_ok=True)
 
     import lorakit
@@ -674,23 +638,20 @@ def main(argv: list[str] | None = None) -> None:
         },
         "tasks": task_info,
         "n_eval": {t: len(e) for t, e in evals.items()},
-        "machine": {**machine_info(), "loadavg_start": load_avg_start, "loadavg_end": os.getloadavg()},
+        "machine": common.machine_with_load(load_avg_start),
         "base": base,
         "seeds": seeds,
         "timing": timing,
         "phases_cpu_s": phases,
     }
-    _atomic_write(args.out / "compose.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    common.write_json(args.out / "compose.json", result)
     result["aggregate"] = aggregate(result)
     result["wall_s"] = time.perf_counter() - t_start
     result["cpu_s"] = time.process_time() - c_start
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["summary"] = summary_line(result)
-    _atomic_write(args.out / "compose.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(args.out / "compose.png", lambda p: plot(result, p))
-    _atomic_write(args.out / "table.md", lambda p: p.write_text(table_md(result)))
     print(table_md(result))
-    print(result["summary"])
+    common.save_result(args.out, "compose", result, plot, texts={"table.md": table_md(result)})
 
 
 if __name__ == "__main__":

@@ -29,14 +29,10 @@ Writes ``<out>/dylora_ranks.json`` and ``<out>/dylora_ranks.png`` and prints one
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +41,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 CURVES = ("dylora", "lora_cut", "lora_cut_rescaled", "lora_svd", "lora_trained")
 HEADLINE = ("dylora", "lora_cut")
@@ -52,17 +51,7 @@ HEADLINE = ("dylora", "lora_cut")
 # an earlier probe at 20 steps x 8 also preferred 1e-3 to 3e-3. DyLoRA uses the same (same factors, init).
 DEFAULT_LR = 1e-3
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
+common.quiet_warnings()
 
 
 # ------------------------------------------------------------------------------ training
@@ -120,20 +109,6 @@ def svd_rank(src: nn.Module, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ output
-def machine_info() -> dict[str, Any]:
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -167,9 +142,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"dylora_ranks: SmolLM2-135M q,v, tweet sentiment, {cfg['steps']} steps x {cfg['batch_size']}, "
                  f"r_max={cfg['r_max']}, α={cfg['alpha']:g}, lr={cfg['lr']:g}, {cfg['n_eval']} eval examples",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -194,16 +167,9 @@ def summary_line(result: dict[str, Any]) -> str:
             + f" | mean dylora - lora cut over b<{r_max}: {gap:+.3f}")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-eval", type=int, default=100, help="eval examples (the same ones at every rank)")
@@ -236,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    pin_threads()
+    common.pin_threads()
     args.out.mkdir(parents=True, exist_ok=True)
 
     import lorakit
@@ -248,13 +214,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(progress=False)
     task = load_task("sentiment", seed=args.seed)
-    if args.eval_offset + args.n_eval > len(task.eval):
-        raise SystemExit(f"--eval-offset + --n-eval = {args.eval_offset + args.n_eval} exceeds the eval split "
-                         f"({len(task.eval)})")
     objective = make_objective(task, tokenizer, max_length=args.max_length, eval_batch_size=args.eval_batch_size)
-    # the same eval examples everywhere, sorted by length so eval batches carry little padding
-    eval_data = sorted(task.eval[args.eval_offset: args.eval_offset + args.n_eval],
-                       key=lambda ex: len(objective.collate.encode_prompt(ex.text)))
+    eval_data = common.eval_slice(task, objective, args.eval_offset, args.n_eval)
     load_avg_start = os.getloadavg()
 
     def evaluate() -> dict[str, float]:
@@ -333,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             "lora_trained_alpha": "alpha*b/r_max (same scale alpha/r_max as the r_max adapters)",
             "threads": torch.get_num_threads(),
         },
-        "machine": {**machine_info(), "loadavg_start": load_avg_start, "loadavg_end": os.getloadavg()},
+        "machine": common.machine_with_load(load_avg_start, packages=()),
         "base_eval": base_eval,
         "majority_baseline": task.majority_baseline(),
         "trained": trained,
@@ -343,9 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["wall_s"] = time.perf_counter() - t_start
     result["summary"] = summary_line(result)
-    _atomic_write(args.out / "dylora_ranks.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(args.out / "dylora_ranks.png", lambda p: plot(result, p))
-    print(result["summary"])
+    common.save_result(args.out, "dylora_ranks", result, plot)
 
 
 if __name__ == "__main__":

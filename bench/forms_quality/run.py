@@ -48,20 +48,14 @@ trainable parameters, log x; step time vs LoRA) and prints one summary line.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
-import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,13 +67,14 @@ from tqdm.auto import tqdm
 
 from lorakit.strategies.base import Strategy
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 REFERENCE = "lora"  # step times are reported relative to this form (always run)
 DEFAULT_LR = 1e-3  # forms missing from SETUPS
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+common.quiet_warnings()
 
 
 # ------------------------------------------------------------------------------ per-form setup
@@ -168,46 +163,12 @@ def setup_for(form: str, rank: int) -> tuple[dict[str, Any], Setup | None]:
 
 
 # ------------------------------------------------------------------------------ turn taking
-class TurnTable:
-    """One run computes at a time; turns go round-robin, the order rotated every round.
-
-    ``turns`` is the list of (round, run) in the order they are served; a run waits for its next turn,
-    then gives the turn on. Finished (or failed) runs are skipped.
-    """
-
-    def __init__(self, runs: list[str], rounds: int) -> None:
-        n = len(runs)
-        self.turns = [runs[(k + i) % n] for k in range(rounds) for i in range(n)]
-        self.pos = 0
-        self.done: set[str] = set()
-        self.cond = threading.Condition()
-
-    def _skip_done(self) -> None:
-        while self.pos < len(self.turns) and self.turns[self.pos] in self.done:
-            self.pos += 1
-
-    def wait(self, run: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.pos >= len(self.turns) or self.turns[self.pos] == run)
-            if self.pos >= len(self.turns):
-                raise RuntimeError(f"run {run} waited for a turn after the schedule ended")
-
-    def give_on(self, run: str, finished: bool = False) -> None:
-        with self.cond:
-            if finished:
-                self.done.add(run)
-            if self.pos < len(self.turns) and self.turns[self.pos] == run:
-                self.pos += 1
-            self._skip_done()
-            self.cond.notify_all()
-
-
 class _TurnEnter(Strategy):
     """First strategy of a run: waits for the run's turn, activates its adapter, starts the clocks."""
 
     name = "bench_turn_enter"
 
-    def __init__(self, run: Run, table: TurnTable) -> None:
+    def __init__(self, run: Run, table: common.TurnTable) -> None:
         self.run, self.table = run, table
 
     def on_step_start(self, trainer: Any, step: int) -> None:
@@ -218,7 +179,7 @@ class _TurnEnter(Strategy):
         trainer.model.train()  # another run's final evaluation may have left the model in eval mode
         if self.run.rng_state is not None:
             torch.set_rng_state(self.run.rng_state)
-        self.run.t0 = {c: clock() for c, clock in CLOCKS.items()}
+        self.run.t0 = {c: clock() for c, clock in common.CLOCKS.items()}
 
 
 class _TurnExit(Strategy):
@@ -227,11 +188,11 @@ class _TurnExit(Strategy):
 
     name = "bench_turn_exit"
 
-    def __init__(self, run: Run, table: TurnTable, bar: tqdm) -> None:
+    def __init__(self, run: Run, table: common.TurnTable, bar: tqdm) -> None:
         self.run, self.table, self.bar = run, table, bar
 
     def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
-        for c, clock in CLOCKS.items():
+        for c, clock in common.CLOCKS.items():
             self.run.step_times[c].append(clock() - self.run.t0[c])
         self.run.rng_state = torch.get_rng_state()
         self.bar.update()
@@ -259,40 +220,10 @@ class Run:
     error: str | None = None
     rng_state: torch.Tensor | None = None
     t0: dict[str, float] = field(default_factory=dict)
-    step_times: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLOCKS})
+    step_times: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in common.CLOCKS})
 
 
 # ------------------------------------------------------------------------------ building
-def limit_malloc_arenas() -> None:
-    """One glibc malloc arena for the process (call before starting threads).
-
-    glibc gives each thread its own arena, and memory one run's step frees stays in that thread's arena:
-    with a trainer thread per run, the process held one activation peak per run (an LR sweep of 24 runs
-    reached 11 GB and was OOM-killed). The threads take turns anyway, so one shared arena costs nothing.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = -8
-
-
-def pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-
-
-def parse_lr_overrides(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--lr expects FORM=VALUE, got {item!r}")
-        out[name.strip()] = float(value)
-    return out
-
-
 def plan_runs(forms: list[str], rank: int, lr_mults: list[float], lr_over: dict[str, float]) -> list[Run]:
     from lorakit.core import registry
     from lorakit.core.caps import Cap
@@ -314,7 +245,7 @@ def plan_runs(forms: list[str], rank: int, lr_mults: list[float], lr_over: dict[
 
 
 def build_trainers(model: nn.Module, runs: list[Run], objective: Any, train_data: list, eval_data: list,
-                   args: argparse.Namespace, table: TurnTable, bar: tqdm) -> None:
+                   args: argparse.Namespace, table: common.TurnTable, bar: tqdm) -> None:
     """Attach every run's adapter and build its Trainer (optimizer over that adapter only)."""
     from accelerate import Accelerator
 
@@ -340,7 +271,7 @@ def build_trainers(model: nn.Module, runs: list[Run], objective: Any, train_data
     lorakit.mark_trainable(model, [r.key for r in runs])
 
 
-def worker(model: nn.Module, run: Run, table: TurnTable, bar: tqdm) -> None:
+def worker(model: nn.Module, run: Run, table: common.TurnTable, bar: tqdm) -> None:
     import lorakit
 
     torch.set_num_threads(1)
@@ -357,30 +288,21 @@ def worker(model: nn.Module, run: Run, table: TurnTable, bar: tqdm) -> None:
         table.give_on(run.key, finished=True)
 
 
-def train_interleaved(model: nn.Module, runs: list[Run], table: TurnTable, bar: tqdm) -> None:
-    threads = [threading.Thread(target=worker, args=(model, r, table, bar), name=r.key, daemon=True)
-               for r in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def train_interleaved(model: nn.Module, runs: list[Run], table: common.TurnTable, bar: tqdm) -> None:
+    common.run_in_threads(worker, [(r.key, (model, r, table, bar)) for r in runs])
 
 
 # ------------------------------------------------------------------------------ results
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def timing(run: Run, ref: Run | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for c in CLOCKS:
+    for c in common.CLOCKS:
         ts = run.step_times[c][1:] or run.step_times[c]  # the first step allocates optimizer state
-        entry: dict[str, Any] = {"median_s": _median(ts), "min_s": min(ts, default=None),
+        entry: dict[str, Any] = {"median_s": common.median_or_none(ts), "min_s": min(ts, default=None),
                                  "max_s": max(ts, default=None), "steps_timed": len(ts)}
         if ref is not None and ref.step_times[c] and ts:
             rs = ref.step_times[c][1:] or ref.step_times[c]
             paired = [a / b for a, b in zip(ts, rs) if b > 0]
-            entry["ratio_vs_lora"] = _median(paired)
+            entry["ratio_vs_lora"] = common.median_or_none(paired)
             entry["ratio_of_medians_vs_lora"] = entry["median_s"] / statistics.median(rs)
         out[c] = entry
     return out
@@ -414,28 +336,6 @@ def run_record(run: Run, ref: Run | None, base_eval: dict[str, float]) -> dict[s
     }
 
 
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n / 1e3:.1f}k" \
-        if n >= 1e3 else str(n)
-
-
 def summary_line(result: dict[str, Any]) -> str:
     clock = result["headline_clock"]
     cfg = result["config"]
@@ -446,9 +346,9 @@ def summary_line(result: dict[str, Any]) -> str:
             continue
         ratio = r["step_time"][clock].get("ratio_vs_lora")
         acc = r["accuracy_after"]
-        parts.append(f"{r['label']} {acc:.2f} ({_fmt_params(r['trainable_params'])} params, "
+        parts.append(f"{r['label']} {acc:.2f} ({common.fmt_params(r['trainable_params'])} params, "
                      f"{ratio:.2f}x)" if ratio is not None else
-                     f"{r['label']} {acc:.2f} ({_fmt_params(r['trainable_params'])} params)")
+                     f"{r['label']} {acc:.2f} ({common.fmt_params(r['trainable_params'])} params)")
     base = result["base_eval"].get("accuracy")
     return (f"forms_quality: {len(result['runs'])} runs, {cfg['steps']} steps x {cfg['batch_size']}, "
             f"{cfg['n_eval']} eval (base {base:.2f}, majority {result['majority_baseline']:.2f}; "
@@ -489,21 +389,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bx.set_xlabel(f"median training step time / LoRA's ({clock} time, paired by step)")
     bx.tick_params(axis="y", labelsize=8)
     fig.suptitle("forms_quality: SmolLM2-135M, tweet sentiment, one torch thread, interleaved", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: savefig reads it
-    write(tmp)
-    os.replace(tmp, path)
+    common.save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--forms", default="all", help="comma-separated form names, or 'all' (the catalog)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
@@ -519,7 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-mults", default="1",
                    help="comma-separated multipliers of each form's LR; >1 value = an LR sweep (one run each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="headline clock of the step ratios")
+    p.add_argument("--clock", choices=tuple(common.CLOCKS), default="cpu", help="headline clock of the step ratios")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps of batch 4, 16 eval examples")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -535,8 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    limit_malloc_arenas()
-    pin_threads()
+    common.limit_malloc_arenas()
+    common.pin_threads()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from lorakit.core import registry
@@ -549,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [f for f in forms if f not in known]
     if unknown:
         raise SystemExit(f"unknown form(s) {unknown}; known: {', '.join(known)}")
-    lr_over = parse_lr_overrides(args.lr)
+    lr_over = common.parse_lr_overrides(args.lr)
     runs = plan_runs(forms, args.rank, args.lr_mults, lr_over)
     if REFERENCE not in forms:  # the step-time reference always runs (once, at its own LR)
         runs = plan_runs([REFERENCE], args.rank, [1.0], lr_over) + runs
@@ -557,14 +448,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(progress=False)
     task = load_task("sentiment", seed=args.seed)
-    if args.eval_offset + args.n_eval > len(task.eval):
-        raise SystemExit(f"--eval-offset + --n-eval = {args.eval_offset + args.n_eval} exceeds the eval split "
-                         f"({len(task.eval)})")
     objective = make_objective(task, tokenizer, max_length=args.max_length, eval_batch_size=args.eval_batch_size)
-    # The split is seeded and shuffled: one slice of it is the same subset for every form. Sorted by prompt
-    # length, eval batches carry little padding (about a quarter less compute; accuracy is the same).
-    eval_data = sorted(task.eval[args.eval_offset: args.eval_offset + args.n_eval],
-                       key=lambda ex: len(objective.collate.encode_prompt(ex.text)))
+    eval_data = common.eval_slice(task, objective, args.eval_offset, args.n_eval)
     load_avg_start = os.getloadavg()
 
     t_eval = time.perf_counter()
@@ -573,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         base_eval = objective.evaluate(model, eval_data)
     base_eval_s = time.perf_counter() - t_eval
 
-    table = TurnTable([r.key for r in runs], rounds=args.steps)
+    table = common.TurnTable([r.key for r in runs], rounds=args.steps)
     bar = tqdm(total=len(runs) * args.steps, desc="training (interleaved)", unit="step", file=sys.stderr,
                dynamic_ncols=True)
     build_trainers(model, runs, objective, task.train, eval_data, args, table, bar)
@@ -604,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
                       "of t_form[k] / t_lora[k]",
         },
         "headline_clock": args.clock,
-        "machine": {**machine_info(), "loadavg_start": load_avg_start, "loadavg_end": os.getloadavg()},
+        "machine": common.machine_with_load(load_avg_start),
         "catalog_forms": known,
         "base_eval": base_eval,
         "base_eval_seconds": base_eval_s,
@@ -617,10 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["wall_s"] = time.perf_counter() - t_start
     result["summary"] = summary_line(result)
-    _atomic_write(args.out / "forms_quality.json",
-                  lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(args.out / "forms_quality.png", lambda p: plot(result, p))
-    print(result["summary"])
+    common.save_result(args.out, "forms_quality", result, plot)
 
 
 if __name__ == "__main__":

@@ -43,17 +43,13 @@ Writes ``<out>/init_convergence.json`` and ``<out>/init_convergence.png`` and pr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +61,15 @@ from tqdm.auto import tqdm
 
 from lorakit.strategies.base import Strategy
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REFERENCE = "lora"
 PAPER_SPEEDUP = (2.0, 4.0)  # LoRA-GA: "converges 2-4 times faster than vanilla LoRA" (abstract, Fig. 1)
 DEFAULT_VARIANTS = ("lora", "rslora", "lora_ga", "lora_ga_peft", "eva", "pissa", "lora_sb")
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+common.quiet_warnings()
 
 
 # ------------------------------------------------------------------------------ variants
@@ -127,15 +125,6 @@ def lora_sb_rank(model: nn.Module, targets: list[str], r: int) -> tuple[int, dic
 
 
 # ------------------------------------------------------------------------------ helpers
-def pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-
-
 def ema(xs: list[float], beta: float) -> list[float]:
     """Bias-corrected exponential moving average (as Adam's m̂)."""
     out, m = [], 0.0
@@ -354,38 +343,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bx.set_xlabel("steps")
     bx.legend(fontsize=8)
     fig.suptitle("init_convergence: does a data-driven init reach LoRA's final loss sooner?", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: savefig reads it
-    write(tmp)
-    os.replace(tmp, path)
+    common.save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'lora' always runs (the reference)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (adapter init, data order, calibration)")
@@ -423,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    pin_threads()
+    common.pin_threads()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from accelerate import Accelerator
@@ -494,16 +457,14 @@ def main(argv: list[str] | None = None) -> None:
             "init_cost": "wall time of lorakit.attach (calibration, SVDs, base rewrite); epoch = "
                          "ceil(n_train / batch_size) steps at LoRA's measured wall time per step",
         },
-        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "machine": common.machine_with_load(load_start),
         "base_eval": base_eval, "majority_baseline": task.majority_baseline(),
         "runs": runs,
     }
     result["analysis"] = analyse(runs, args, len(task.train))
     result["wall_s"] = time.perf_counter() - t_start
     result["summary"] = summary_line(result)
-    _atomic_write(args.out / "init_convergence.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    _atomic_write(args.out / "init_convergence.png", lambda p: plot(result, p))
-    print(result["summary"])
+    common.save_result(args.out, "init_convergence", result, plot)
 
 
 if __name__ == "__main__":

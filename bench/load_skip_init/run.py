@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,22 +37,10 @@ import lorakit
 import lorakit.api
 from lorakit.models import tiny_llama
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 MODELS = {"tiny": {}, "small": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 4}}
-
-
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
 
 
 def count_svd() -> list[int]:
@@ -154,10 +141,10 @@ def main() -> None:
         results = [bench_model(m, a.rank, reps, Path(tmp), svd_calls) for m in models]
     data = {"config": {"models": models, "rank": a.rank, "reps": reps, "quick": a.quick,
                        "clock": "median of per-load wall and process CPU time, first round dropped"},
-            "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+            "machine": common.machine_with_load(load_start),
             "results": results}
-    (out / "load_skip_init.json").write_text(json.dumps(data, indent=2))
-    plot(results, out / "load_skip_init.png")
+    common.write_json(out / "load_skip_init.json", data)
+    common.atomic_write(out / "load_skip_init.png", lambda p: plot(results, p))
     print("load_skip_init: " + "; ".join(
         f"{r['model']}: {1e3 * r['median_s']['init']['wall']:.1f} ms -> {1e3 * r['median_s']['skip']['wall']:.1f} ms "
         f"({r['speedup_wall']:.2f}x, SVDs per load {r['svd_calls_per_load']['init']} -> "

@@ -36,17 +36,12 @@ Writes ``<out>/shira_switch.json`` and ``<out>/shira_switch.png`` and prints one
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
-import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,25 +49,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("shira_inplace", "shira_add", "lora_inplace", "shira_api", "lora_api")
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 PAPER_SPEEDUP = (5.0, 16.0)  # "loading SHiRA ... 5x-16x faster than LoRA fusion on a CPU" (abstract)
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+common.quiet_warnings()
 
 
 # --------------------------------------------------------------------------------------- setup
-def _pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-
-
 def load_base(model: str) -> nn.Module:
     from lorakit.models import load_model, tiny_llama
 
@@ -173,12 +160,6 @@ def drift(model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def rotations(names: tuple[str, ...], rounds: int) -> Iterator[tuple[int, list[str]]]:
-    for k in range(rounds):
-        s = k % len(names)
-        yield k, list(names[s:]) + list(names[:s])
-
-
 def run_budget(models: dict[str, nn.Module], r: int, rounds: int, seed: int,
                base: dict[str, torch.Tensor], bar: tqdm) -> dict[str, Any]:
     """Attach a/b adapters of budget r to both models, time all variants interleaved, clean up."""
@@ -195,17 +176,17 @@ def run_budget(models: dict[str, nn.Module], r: int, rounds: int, seed: int,
         a, b = pairs[family[v]]
         SWITCH[v](models[family[v]], a, b)
         SWITCH[v](models[family[v]], b, a)
-    times: dict[str, dict[str, list[float]]] = {c: {v: [] for v in VARIANTS} for c in CLOCKS}
-    for k, order in rotations(VARIANTS, rounds):
+    times: dict[str, dict[str, list[float]]] = {c: {v: [] for v in VARIANTS} for c in common.CLOCKS}
+    for k, order in common.rotations(VARIANTS, rounds):
         for v in order:
             bar.set_postfix_str(f"r={r} round {k + 1}/{rounds} {v}")
             model, (a, b) = models[family[v]], pairs[family[v]]
             gc.collect()
             for old, new in ((a, b), (b, a)):
-                w0, c0 = CLOCKS["wall"](), CLOCKS["cpu"]()
+                w0, c0 = common.CLOCKS["wall"](), common.CLOCKS["cpu"]()
                 SWITCH[v](model, old, new)
-                times["cpu"][v].append(CLOCKS["cpu"]() - c0)
-                times["wall"][v].append(CLOCKS["wall"]() - w0)
+                times["cpu"][v].append(common.CLOCKS["cpu"]() - c0)
+                times["wall"][v].append(common.CLOCKS["wall"]() - w0)
             bar.update()
     for fam, (a, _) in pairs.items():
         lorakit.unmerge(models[fam], [a])
@@ -232,7 +213,7 @@ def run_budget(models: dict[str, nn.Module], r: int, rounds: int, seed: int,
     speedup = {c: {"inplace": timing[c]["lora_inplace"]["median_s"] / timing[c]["shira_inplace"]["median_s"],
                    "add": timing[c]["lora_inplace"]["median_s"] / timing[c]["shira_add"]["median_s"],
                    "api": timing[c]["lora_api"]["median_s"] / timing[c]["shira_api"]["median_s"]}
-               for c in CLOCKS}
+               for c in common.CLOCKS}
     return {"r": r, "adapter_params": params, "density": params / weights, "timing": timing,
             "speedup_lora_over_shira": speedup, "inplace_check_max_abs": checks,
             "drift_after_switches": {"switches_per_variant": switches, **after}}
@@ -251,20 +232,6 @@ def linear_paths(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- output
-def machine_info() -> dict[str, Any]:
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "lorakit": lorakit.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -294,9 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"adapter switch a->b, SHiRA vs LoRA at equal budget: {cfg['model']}, "
                  f"{cfg['layers']} linear layers, 1 thread, {cfg['rounds']} rounds", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -320,22 +285,15 @@ def summary_line(result: dict[str, Any]) -> str:
             f"LoRA {d['lora_inplace']['max_abs']:.1g})")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M), 'tiny' (seeded small llama) or a local HF dir")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8],
                    help="budgets: LoRA rank r = SHiRA k/(m+n)")
     p.add_argument("--rounds", type=int, default=7, help="rounds; each times a->b and b->a per variant")
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="headline clock")
+    p.add_argument("--clock", choices=tuple(common.CLOCKS), default="cpu", help="headline clock")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args(argv)
@@ -343,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _pin_threads()
+    common.pin_threads()
     base_model = load_base(args.model)
     paths = linear_paths(base_model)
     base = {p: base_model.get_submodule(p).weight.detach().clone() for p in paths}
@@ -360,14 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         "config": {"model": args.model, "layers": len(paths), "ranks": args.ranks, "rounds": args.rounds,
                    "seed": args.seed, "switch": "unmerge old + merge new over all layers, fp32"},
         "headline_clock": args.clock,
-        "machine": machine_info(),
+        "machine": common.machine_info(packages=()),
         "budgets": budgets,
     }
     result["summary"] = summary_line(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out / "shira_switch.json",
+    common.atomic_write(args.out / "shira_switch.json",
                   lambda p: p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n"))
-    _atomic_write(args.out / "shira_switch.png", lambda p: plot(result, p))
+    common.atomic_write(args.out / "shira_switch.png", lambda p: plot(result, p))
     print(result["summary"])
 
 

@@ -14,7 +14,7 @@ curve, trainable parameters, the median step time relative to LoRA, the peak tra
 to LoRA, and for LoRAPrune and LoRAM the parameter count of the resulting model and its metric (LoRAM
 also the pruned training model's metric before recovery).
 
-Interleaving (as bench/forms_quality, whose ``TurnTable`` this script reuses): every run has its own
+Interleaving (as bench/forms_quality, with the shared ``bench/_common.TurnTable``): every run has its own
 model and Trainer in its own thread; a turn table lets exactly one run compute at a time, round-robin by
 step with the order rotated every round, so step k of every run happens within the same round and a
 change of machine load hits all runs alike. Each run keeps its own torch RNG stream. Runs whose strategy
@@ -62,14 +62,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import json
 import math
 import os
 import resource
 import statistics
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -84,26 +81,14 @@ from tqdm.auto import tqdm
 
 from lorakit.strategies.base import Strategy
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REFERENCE = "lora"
 LORA_LR = 1e-3  # bench/forms_quality SETUPS["lora"]: sweep 3e-4: 1.62, 1e-3: 1.04, 3e-3: 1.11 (eval CE)
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _load_forms_quality() -> Any:
-    """bench/forms_quality/run.py as a module (TurnTable, thread pinning, machine info, atomic writes)."""
-    path = HERE.parent / "forms_quality" / "run.py"
-    spec = importlib.util.spec_from_file_location("_bench_forms_quality", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-FQ = _load_forms_quality()
-CLOCKS: dict[str, Callable[[], float]] = FQ.CLOCKS
+common.quiet_warnings()
 
 
 # ------------------------------------------------------------------------------ per-strategy setup
@@ -275,7 +260,7 @@ class Run:
     error: str | None = None
     rng_state: torch.Tensor | None = None
     t0: dict[str, float] = field(default_factory=dict)
-    step_times: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLOCKS})
+    step_times: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in common.CLOCKS})
     logs: list[dict[str, Any]] = field(default_factory=list)
     mem_steps: list[Memory] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)  # parameters with a gradient, per step
@@ -314,7 +299,7 @@ class _Enter(Strategy):
 
         run._saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         run._saved.__enter__()
-        run.t0 = {c: clock() for c, clock in CLOCKS.items()}
+        run.t0 = {c: clock() for c, clock in common.CLOCKS.items()}
 
     def on_after_backward(self, trainer: Any, step: int) -> None:
         run = self.run
@@ -356,7 +341,7 @@ class _Exit(Strategy):
 
     def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
         run = self.run
-        for c, clock in CLOCKS.items():
+        for c, clock in common.CLOCKS.items():
             run.step_times[c].append(clock() - run.t0[c])
         mem = run._mem or Memory()
         seen = {_storage_key(p) for p in trainer.model.parameters()}
@@ -450,30 +435,22 @@ def worker(run: Run, table: Any) -> None:
 
 
 def train_interleaved(runs: list[Run], table: Any) -> None:
-    threads = [threading.Thread(target=worker, args=(r, table), name=r.key, daemon=True) for r in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    common.run_in_threads(worker, [(r.key, (r, table)) for r in runs])
 
 
 # ------------------------------------------------------------------------------ results
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def _timed(ts: list[float]) -> list[float]:
     return ts[1:-1] if len(ts) > 3 else ts[1:] or ts
 
 
 def timing(run: Run, ref: Run | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for c in CLOCKS:
+    for c in common.CLOCKS:
         ts = _timed(run.step_times[c])
-        entry: dict[str, Any] = {"median_s": _median(ts), "steps_timed": len(ts)}
+        entry: dict[str, Any] = {"median_s": common.median_or_none(ts), "steps_timed": len(ts)}
         if ref is not None and ref.step_times[c] and ts:
             rs = _timed(ref.step_times[c])
-            entry["ratio_vs_lora"] = _median([a / b for a, b in zip(ts, rs) if b > 0])
+            entry["ratio_vs_lora"] = common.median_or_none([a / b for a, b in zip(ts, rs) if b > 0])
         out[c] = entry
     return out
 
@@ -537,7 +514,7 @@ def _fmt_mb(b: int | None) -> str:
 
 
 def _fmt_params(n: int | None) -> str:
-    return "-" if n is None else FQ._fmt_params(n)
+    return "-" if n is None else common.fmt_params(n)
 
 
 def resulting_params(r: dict[str, Any]) -> str:
@@ -668,15 +645,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cfg = result["config"]
     fig.suptitle(f"strategies vs LoRA: SmolLM2-135M, tweet sentiment, {cfg['steps']} steps x batch "
                  f"{cfg['batch_size']}, r={cfg['rank']}, one torch thread, interleaved", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--strategies", default="all",
                    help=f"comma-separated subset of {','.join(ORDER)} (lora always runs)")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a strategy's LR")
@@ -695,7 +669,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="headline clock of the step ratios")
+    p.add_argument("--clock", choices=tuple(common.CLOCKS), default="cpu", help="headline clock of the step ratios")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps of batch 2, 8 eval examples")
     p.add_argument("--markdown", action="store_true", help="also print the README table")
     p.add_argument("--out", type=Path, default=HERE / "results" / "last")
@@ -711,9 +685,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown strategies {unknown}; known: {', '.join(ORDER)}")
     args.names = [n for n in ORDER if n in names]
     args.lr_mults = [float(x) for x in args.lr_mults.split(",")]
-    args.lr_over = FQ.parse_lr_overrides(args.lr)
+    args.lr_over = common.parse_lr_overrides(args.lr)
     extra = DEFAULT_EXTRA if args.extra_lr is None else [e for e in args.extra_lr if e != "none"]
-    args.extra = list(FQ.parse_lr_overrides(extra).items())
+    args.extra = list(common.parse_lr_overrides(extra).items())
     return args
 
 
@@ -721,8 +695,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     RANK[0], TARGETS[0] = args.rank, args.targets
     t_start = time.perf_counter()
-    FQ.limit_malloc_arenas()
-    FQ.pin_threads()
+    common.limit_malloc_arenas()
+    common.pin_threads()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from lorakit.core import registry
@@ -737,17 +711,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = plan(args.names, args.lr_mults, args.lr_over, args.extra)
     base, tokenizer = load_model(progress=False)
     task = load_task("sentiment", seed=args.seed)
-    if args.eval_offset + args.n_eval > len(task.eval):
-        raise SystemExit(f"--eval-offset + --n-eval exceeds the eval split ({len(task.eval)})")
     objective = make_objective(task, tokenizer, max_length=args.max_length, eval_batch_size=args.eval_batch_size)
-    eval_data = sorted(task.eval[args.eval_offset: args.eval_offset + args.n_eval],
-                       key=lambda ex: len(objective.collate.encode_prompt(ex.text)))
+    eval_data = common.eval_slice(task, objective, args.eval_offset, args.n_eval)
     load_avg_start = os.getloadavg()
     base.eval()
     with torch.no_grad():
         base_eval = objective.evaluate(base, eval_data)
 
-    table = FQ.TurnTable([r.key for r in runs], rounds=args.steps)
+    table = common.TurnTable([r.key for r in runs], rounds=args.steps)
     bar = tqdm(total=len(runs) * args.steps, desc="training (interleaved)", unit="step", file=sys.stderr,
                dynamic_ncols=True)
     build(base, runs, objective, task.train, eval_data, args, table, bar)
@@ -776,7 +747,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "autograd-saved activations (unique storages; loram's stash of removed weights apart)",
         },
         "headline_clock": args.clock,
-        "machine": {**FQ.machine_info(), "loadavg_start": load_avg_start, "loadavg_end": os.getloadavg()},
+        "machine": common.machine_with_load(load_avg_start),
         "base_eval": base_eval,
         "majority_baseline": task.majority_baseline(),
         "runs": [run_record(r, ref) for r in runs],
@@ -786,12 +757,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["wall_s"] = time.perf_counter() - t_start
     result["summary"] = summary_line(result)
     md = markdown_table(result)
-    FQ._atomic_write(args.out / "strategies.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    FQ._atomic_write(args.out / "strategies.png", lambda p: plot(result, p))
-    FQ._atomic_write(args.out / "table.md", lambda p: p.write_text(md))
     if args.markdown:
         print(md)
-    print(result["summary"])
+    common.save_result(args.out, "strategies", result, plot, texts={"table.md": md})
     return result
 
 

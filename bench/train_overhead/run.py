@@ -23,15 +23,12 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for the shared bench/_common.py
+import _common as common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RANKS = (8, 16)
@@ -55,22 +55,10 @@ TINY_CONFIG: dict[str, int] = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads
 N_BATCHES = 4  # distinct batches cycled by every variant in the same order
 
 # peft and transformers warn about deprecations on every model build; they are noise here.
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+common.quiet_warnings()
 
 
 # --------------------------------------------------------------------------------------- setup
-def _pin_threads() -> None:
-    from transformers.utils import logging as hf_logging
-
-    # load_model(progress=False) still shows transformers' "Loading weights" bar on the cached path.
-    hf_logging.disable_progress_bar()
-    # One thread: on a loaded 2-core box two threads spin-wait and make timings meaningless.
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
-        torch.set_num_interop_threads(1)
-
-
 def load_base(model: str, vocab: int | None = None) -> nn.Module:
     """The frozen base model: the embedded SmolLM2 (fp32 cache) or a seeded tiny llama."""
     from lorakit.models import load_model, tiny_llama
@@ -240,28 +228,13 @@ def saved_tensors_mb(v: Variant, batch: dict[str, torch.Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------------- timing
-def rotations(names: tuple[str, ...], rounds: int) -> Iterator[tuple[int, list[str]]]:
-    # Rotate who goes first each round so slow drift in machine load hits every variant alike.
-    for k in range(rounds):
-        s = k % len(names)
-        yield k, list(names[s:]) + list(names[:s])
-
-
-CLOCKS: dict[str, Callable[[], float]] = {
-    # Process CPU time (all threads; 1 intra-op thread here): the step's own compute, which stays
-    # meaningful when other jobs share the cores and preempt this one (wall time then mostly
-    # measures the scheduler).
-    "cpu": time.process_time,
-    # Wall clock: what a user waits for on an otherwise idle machine.
-    "wall": time.perf_counter,
-}
 
 
 def time_interleaved(variants: dict[str, Variant], batches: list[dict[str, torch.Tensor]], *,
                      warmup: int, rounds: int, steps: int) -> dict[str, dict[str, list[list[float]]]]:
     """Per clock, per variant, per round: the time of each timed step."""
-    times: dict[str, dict[str, list[list[float]]]] = {c: {n: [] for n in variants} for c in CLOCKS}
-    wall, cpu = CLOCKS["wall"], CLOCKS["cpu"]
+    times: dict[str, dict[str, list[list[float]]]] = {c: {n: [] for n in variants} for c in common.CLOCKS}
+    wall, cpu = common.CLOCKS["wall"], common.CLOCKS["cpu"]
     total = len(variants) * (warmup + rounds * steps)
     with tqdm(total=total, desc="timing", unit="step", file=sys.stderr) as bar:
         for name, v in variants.items():  # warm-up: allocator, AdamW state, first-call paths
@@ -269,7 +242,7 @@ def time_interleaved(variants: dict[str, Variant], batches: list[dict[str, torch
             for _ in range(warmup):
                 train_step(v, batches)
                 bar.update()
-        for k, order in rotations(tuple(variants), rounds):
+        for k, order in common.rotations(tuple(variants), rounds):
             for name in order:
                 bar.set_postfix_str(f"round {k + 1}/{rounds} {name}")
                 v = variants[name]
@@ -345,7 +318,7 @@ def _reset_peak() -> bool:
 
 def _memory_child(args: argparse.Namespace) -> None:
     """Entry point of a fresh process measuring one variant's peak RSS; prints one JSON line."""
-    _pin_threads()
+    common.pin_threads()
     batches, vocab = torch.load(args.batches, weights_only=True)
     # Import both libraries before the baseline so an import's own memory is not charged to a variant.
     import peft  # noqa: F401
@@ -413,26 +386,6 @@ def measure_memory(args: argparse.Namespace, batches_file: Path) -> dict[str, di
 
 
 # ------------------------------------------------------------------------------------- output
-def machine_info() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    import lorakit
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "lorakit": lorakit.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -473,9 +426,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cfg = result["config"]
     fig.suptitle(f"{cfg['model']}: batch {cfg['batch_size']} x {cfg['seq_len']} tokens, LoRA all-linear, "
                  f"1 thread, {cfg['rounds']} rounds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -491,16 +442,9 @@ def summary_line(result: dict[str, Any]) -> str:
             f"{'wall' if clock == 'cpu' else 'cpu'} time: {alt})")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: savefig reads it
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.make_parser(__doc__)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M), 'tiny' (seeded small llama) or a local HF dir")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds; every variant runs in each")
@@ -513,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 1 by default: each child peaks near 3.5 GB on SmolLM2, and the box may be shared.
     p.add_argument("--memory-jobs", type=int, default=1, help="memory subprocesses run at once")
     p.add_argument("--memory-timeout", type=int, default=600, help="seconds before a memory child is given up")
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
+    p.add_argument("--clock", choices=tuple(common.CLOCKS), default="cpu",
                    help="clock of the headline ratios (both are recorded); cpu resists load from other jobs")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler tables of one lorakit and one peft r=16 step")
@@ -556,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         _memory_child(args)
         return
     t_start = time.perf_counter()
-    _pin_threads()
+    common.pin_threads()
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -586,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     head = ratio[args.clock]
     result: dict[str, Any] = {
         "benchmark": "train_overhead",
-        "machine": {**machine_info(), "loadavg_start": load_before,
+        "machine": {**common.machine_info(packages=("transformers", "peft")), "loadavg_start": load_before,
                     "loadavg_after_timing": load_after_timing},
         "config": {
             "model": args.model, "tiny_config": TINY_CONFIG if args.model == "tiny" else None,
@@ -630,8 +574,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def write() -> None:
         result["wall_s"] = time.perf_counter() - t_start
-        _atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-        _atomic_write(png_path, lambda p: plot(result, p))
+        common.write_json(json_path, result)
+        common.atomic_write(png_path, lambda p: plot(result, p))
 
     write()  # the timings are safe on disk before the memory subprocesses start
     if args.memory_steps > 0:
