@@ -77,6 +77,10 @@ class ServingContext:
         self.plan = self._last = RowPlan.build(flat, tokens_per_row=tokens_per_row, path=self.path)
         self.plan.gather_limit = self.gather_cache_bytes if tokens_per_row == 1 else 0
 
+    def forget(self) -> None:
+        """Drop the reused plan (and so its gather cache), e.g. when the engine goes idle."""
+        self.plan = self._last = None
+
 
 class ServedLinear(nn.Module):
     """A base Linear plus the bank's per-row LoRA updates for the current batch."""
@@ -523,6 +527,8 @@ class ServingEngine:
                 if self.kv_cache is not None:
                     self.kv_cache.remove(r.id)  # O(pages of this row): back to the free list
                     self._unreserve_kv(r)
+        if not keep:
+            self.ctx.forget()  # idle: release the reused plan and its gathered adapter weights
         if self.kv_cache is not None:
             self.rows = [self.rows[i] for i in keep]
             return

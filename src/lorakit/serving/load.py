@@ -46,12 +46,15 @@ class ServerThread:
     """``with ServerThread(app) as srv:`` runs uvicorn on 127.0.0.1:<free port> in a daemon thread;
     ``srv.url`` is its base URL. Exiting shuts the server down (and the app's shutdown hooks run)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0,
+                 keep_alive: float = 5.0) -> None:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
+        # keep_alive: seconds an idle connection stays open (uvicorn's timeout_keep_alive); each one holds an
+        # event-loop timer until then, which object-count leak checks must wait out
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="on")
+                                lifespan="on", timeout_keep_alive=keep_alive)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="lorakit-uvicorn", daemon=True)
         self.timeout = timeout
