@@ -58,3 +58,17 @@ def save_tiny_model_dir(d, words: list[str]):
     tiny_llama(vocab=128, seed=0).save_pretrained(d)
     fast.save_pretrained(d)
     return d
+
+
+def kill_at(step: int):
+    """A strategy that raises KeyboardInterrupt at the end of ``step``: a simulated kill for resume tests."""
+    from lorakit.strategies.base import Strategy
+
+    class KillAt(Strategy):
+        name = "kill_at"
+
+        def on_step_end(self, trainer, s, logs):
+            if s == step:
+                raise KeyboardInterrupt("simulated kill")
+
+    return KillAt()

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import lorakit
+from conftest import kill_at
 from lorakit.core.inject import adapter_modules
 from lorakit.forms.dylora import DyLoRA, set_rank
 from lorakit.models import tiny_llama
-from lorakit.strategies import Strategy
 from lorakit.strategies.dylora import DyLoRARankSampling
 from lorakit.train import TrainConfig, Trainer
 
@@ -205,17 +205,6 @@ def test_one_rank_model_wide_and_serving_rank_restored_between_steps():
     assert len(seen) > 3
 
 
-class _KillAt(Strategy):
-    name = "kill_at"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def _trainer(out, extra=()):
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(3, 128, (8,), generator=g) for _ in range(16)]
@@ -235,7 +224,7 @@ def _logged_ranks(out):
 def test_trainer_resume_draws_the_same_ranks(tmp_path):
     full_model, full = _trainer(tmp_path / "a")
     full.train()
-    _, killed = _trainer(tmp_path / "b", extra=[_KillAt(5)])
+    _, killed = _trainer(tmp_path / "b", extra=[kill_at(5)])
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     resumed_model, resumed = _trainer(tmp_path / "b")

@@ -52,3 +52,23 @@ def reference_logits(ref, prompt, tokens) -> torch.Tensor:
     full = torch.tensor([list(prompt) + list(tokens[:-1])])
     with torch.no_grad():
         return ref(full).logits[0, len(prompt) - 1:]
+
+
+def base_dirs_refs(root: Path):
+    """(tiny base, PEFT adapter dirs, PEFT reference model per adapter name; None = the base alone)."""
+    base = tiny_base()
+    dirs = write_peft_adapters(base, root)
+    refs = {name: peft_reference(base, d) for name, d in dirs.items()}
+    refs[None] = copy.deepcopy(base)
+    return base, dirs, refs
+
+
+def make_engine(base, dirs: dict[str, Path], budget: int = 1 << 20, names=None, page_rows: int = 4, **kwargs):
+    """A ServingEngine over a copy of ``base`` with the adapters ``names`` (default: all of ``dirs``) in its bank."""
+    from lorakit.serving import AdapterBank, ServingEngine
+
+    model = copy.deepcopy(base)
+    bank = AdapterBank.for_model(model, budget_bytes=budget, page_rows=page_rows)
+    for name in names or dirs:
+        bank.add(name, dirs[name])
+    return ServingEngine(model, bank, **kwargs)

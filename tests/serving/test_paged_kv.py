@@ -12,13 +12,16 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from serving_helpers import peft_reference, reference_logits, tiny_base, write_peft_adapters
+from serving_helpers import (
+    base_dirs_refs,
+    make_engine,
+    reference_logits,
+    tiny_base,
+)
 
-from lorakit.serving import AdapterBank, Request, ServingEngine
+from lorakit.serving import Request
 from lorakit.serving.kv import PagedKVCache, PagedKVPool, attention_mask_for
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23], [40, 41],
@@ -29,19 +32,9 @@ LENGTHS = [3, 7, 2, 6, 4, 5]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tiny_base()
-    dirs = write_peft_adapters(base, tmp_path_factory.mktemp("adapters"))
-    refs = {name: peft_reference(base, d) for name, d in dirs.items()}
-    refs[None] = copy.deepcopy(base)
-    return base, dirs, refs
+    return base_dirs_refs(tmp_path_factory.mktemp("adapters"))
 
 
-def make_engine(base, dirs, budget=1 << 20, names=None, **kwargs):
-    model = copy.deepcopy(base)
-    bank = AdapterBank.for_model(model, budget_bytes=budget, page_rows=4)
-    for name in names or dirs:
-        bank.add(name, dirs[name])
-    return ServingEngine(model, bank, **kwargs)
 
 
 def run_join_leave(eng):

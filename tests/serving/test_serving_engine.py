@@ -8,9 +8,13 @@ import copy
 
 import pytest
 import torch
-from serving_helpers import peft_reference, reference_logits, tiny_base, write_peft_adapters
+from serving_helpers import (
+    base_dirs_refs,
+    make_engine,
+    reference_logits,
+)
 
-from lorakit.serving import AdapterBank, QueueFullError, Request, ServingEngine
+from lorakit.serving import AdapterBank, QueueFullError, Request
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22, 23], [40, 41], [7, 8, 9, 10, 11, 12]]
 ADAPTERS = ["a", "b", None, "c", "d", "a"]
@@ -18,19 +22,9 @@ ADAPTERS = ["a", "b", None, "c", "d", "a"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tiny_base()
-    dirs = write_peft_adapters(base, tmp_path_factory.mktemp("adapters"))
-    refs = {name: peft_reference(base, d) for name, d in dirs.items()}
-    refs[None] = copy.deepcopy(base)
-    return base, dirs, refs
+    return base_dirs_refs(tmp_path_factory.mktemp("adapters"))
 
 
-def make_engine(base, dirs, budget=1 << 20, **kwargs):
-    model = copy.deepcopy(base)
-    bank = AdapterBank.for_model(model, budget_bytes=budget, page_rows=4)
-    for name, d in dirs.items():
-        bank.add(name, d)
-    return ServingEngine(model, bank, **kwargs)
 
 
 def check(reqs, refs, max_new):

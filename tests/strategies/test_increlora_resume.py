@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorakit
+from conftest import kill_at
 from lorakit.core.inject import specs
 from lorakit.models import tiny_llama
 from lorakit.strategies import Strategy
@@ -27,17 +28,6 @@ def collate(items):
 
 def lm_loss(model, batch):
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-
-
-class KillAt(Strategy):
-    name = "kill_at"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 class LrProbe(Strategy):
@@ -75,7 +65,7 @@ def full(tmp_path_factory):
 def test_resume_after_growth_is_bit_identical(tmp_path, full, kill, resumed_from):
     full_model, full_strat, full_probe, full_trainer, full_result = full
     assert [h["step"] for h in full_strat.history[1:]] == [4, 6, 8, 10]
-    _, _, _, trainer = make(tmp_path, extra=[KillAt(kill)])
+    _, _, _, trainer = make(tmp_path, extra=[kill_at(kill)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     model, strat, probe, resumed = make(tmp_path)  # a fresh process: the initial (ungrown) adapter
@@ -103,7 +93,7 @@ def test_resume_after_growth_is_bit_identical(tmp_path, full, kill, resumed_from
 
 
 def test_resume_without_the_strategy_is_refused_clearly(tmp_path, full):
-    _, _, _, trainer = make(tmp_path, extra=[KillAt(6)])
+    _, _, _, trainer = make(tmp_path, extra=[kill_at(6)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     model = tiny_llama(seed=0)

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 import lorakit
+from conftest import kill_at
 from lorakit.models import tiny_llama
 from lorakit.strategies import Strategy
 from lorakit.strategies.lisa import LISA, optimizer_state_bytes
@@ -120,13 +121,6 @@ def test_full_checkpoint_written_and_loadable(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    class KillAt(Strategy):
-        name = "kill"
-
-        def on_step_end(self, trainer, step, logs):
-            if step == 3:
-                raise KeyboardInterrupt
-
     def make(out, extra=()):
         model = tiny_llama(layers=4, seed=0)
         cfg = TrainConfig(steps=5, batch_size=4, lr=1e-2, progress=False, eval_at_start=False, save_every=2,
@@ -135,7 +129,7 @@ def test_resume_is_exact(tmp_path):
 
     full_model, full = make(tmp_path / "a")
     ref = full.train()
-    _, t = make(tmp_path / "b", [KillAt()])
+    _, t = make(tmp_path / "b", [kill_at(3)])
     with contextlib.suppress(KeyboardInterrupt):
         t.train()
     model, t = make(tmp_path / "b")

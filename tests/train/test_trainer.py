@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
+from conftest import kill_at
 from lorakit.models import tiny_llama
 from lorakit.strategies import Strategy
 from lorakit.train import TrainConfig, Trainer
@@ -43,21 +44,10 @@ def adapter_tensors(model):
     return lorakit.extract_state(model).tensors
 
 
-class KillAt(Strategy):
-    name = "kill_at"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     full_model, full = make(tmp_path / "a", save_every=3, grad_accum=2)
     full_result = full.train()
-    model, trainer = make(tmp_path / "b", strategies=[KillAt(7)], save_every=3, grad_accum=2)
+    model, trainer = make(tmp_path / "b", strategies=[kill_at(7)], save_every=3, grad_accum=2)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     resumed_model, resumed = make(tmp_path / "b", save_every=3, grad_accum=2)

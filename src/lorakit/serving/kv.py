@@ -276,10 +276,11 @@ class PagedKVCache(Cache):
         return self.layers[0].get_seq_length()
 
     def reorder_cache(self, beam_idx):
-        raise NotImplementedError("PagedKVCache does not support beam search")
+        raise NotImplementedError("PagedKVCache serves greedy/sampled decoding only; for beam search use "
+                                  "ServingEngine(kv='dense') or model.generate")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("PagedKVCache does not support crop")
+        raise NotImplementedError("PagedKVCache cannot crop (no speculative decoding); use ServingEngine(kv='dense')")
 
 
 def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
