@@ -9,11 +9,10 @@ Typical use::
     lorakit.load(other_model, "out/")
 """
 
-from lorakit.api import apply_state, extract_state, load, save
+from lorakit.api import apply_state, attach, extract_state, load, save
 from lorakit.core.caps import Cap
 from lorakit.core.inject import (
     active_adapters,
-    attach,
     delete,
     disabled,
     find_targets,

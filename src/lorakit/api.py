@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from lorakit.core import registry
 from lorakit.core.inject import (
     _base_modules,
     adapted_layers,
     adapter_modules,
     build_forms,
+    delete,
     find_targets,
     form_class,
     install,
+    mark_trainable,
     specs,
 )
 from lorakit.core.layer import AdaptedLayer, set_initial_tensors
+from lorakit.core.spec import AdapterSpec
 from lorakit.core.state import AdapterState, BaseMismatchError, check_base, load_state, save_state
 from lorakit.forms.base import is_conv1d, skip_init
+from lorakit.inits.base import initialize
+
+
+def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "default", *,
+           seed: int | None = None, activate: bool = True, trainable: bool = True,
+           batches: Iterable[Any] | None = None, loss_fn: Any = None) -> nn.Module:
+    """Add adapter ``name`` described by ``spec`` to ``model`` in place and return the model.
+
+    The base model is frozen; only the new adapter's trainable tensors require grad (when
+    ``trainable``). ``seed`` makes the adapter's random init reproducible. Data-driven inits read
+    ``batches`` (calibration data) and ``loss_fn(model, batch)`` (default: causal-LM loss).
+    """
+    spec = spec or AdapterSpec()
+    if name in specs(model):
+        raise ValueError(f"adapter {name!r} already exists on this model; delete it or choose another name")
+    init = registry.get("init", spec.init)(**spec.init_args)
+    init.check_form(form_class(spec))
+    paths = find_targets(model, spec)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        install(model, name, spec, build_forms(model, spec, paths), activate=activate, trainable=False)
+        if init.name != "default":
+            try:
+                initialize(model, name, init, batches, loss_fn=loss_fn)
+            except BaseException:
+                delete(model, name)  # a failed init leaves the model as it was
+                raise
+    if trainable:
+        mark_trainable(model, name)
+    return model
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -50,7 +89,6 @@ def _leaf_targets(model: nn.Module, modules: list[str]) -> list[str] | None:
     """Leaf names (e.g. ["q_proj", "v_proj"]) if they select exactly ``modules`` in ``model``."""
     leaves = sorted({p.rpartition(".")[2] for p in modules})
     from lorakit.core.spec import AdapterSpec
-
     try:
         selected = find_targets(model, AdapterSpec(targets=leaves))
     except ValueError:

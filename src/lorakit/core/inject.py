@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -120,39 +120,6 @@ def install(model: nn.Module, name: str, spec: AdapterSpec, forms: dict[str, For
     specs(model)[name] = spec
     if activate:
         set_active(model, [name])
-    if trainable:
-        mark_trainable(model, name)
-    return model
-
-
-def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "default", *,
-           seed: int | None = None, activate: bool = True, trainable: bool = True,
-           batches: Iterable[Any] | None = None, loss_fn: Any = None) -> nn.Module:
-    """Add adapter ``name`` described by ``spec`` to ``model`` in place and return the model.
-
-    The base model is frozen; only the new adapter's trainable tensors require grad (when
-    ``trainable``). ``seed`` makes the adapter's random init reproducible. Data-driven inits read
-    ``batches`` (calibration data) and ``loss_fn(model, batch)`` (default: causal-LM loss).
-    """
-    from lorakit.inits.base import initialize
-
-    spec = spec or AdapterSpec()
-    if name in specs(model):
-        raise ValueError(f"adapter {name!r} already exists on this model; delete it or choose another name")
-    init = registry.get("init", spec.init)(**spec.init_args)
-    init.check_form(form_class(spec))
-    paths = find_targets(model, spec)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        install(model, name, spec, build_forms(model, spec, paths), activate=activate, trainable=False)
-        if init.name != "default":
-            try:
-                initialize(model, name, init, batches, loss_fn=loss_fn)
-            except BaseException:
-                delete(model, name)  # a failed init leaves the model as it was
-                raise
     if trainable:
         mark_trainable(model, name)
     return model
