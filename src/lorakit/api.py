@@ -88,7 +88,6 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 def _leaf_targets(model: nn.Module, modules: list[str]) -> list[str] | None:
     """Leaf names (e.g. ["q_proj", "v_proj"]) if they select exactly ``modules`` in ``model``."""
     leaves = sorted({p.rpartition(".")[2] for p in modules})
-    from lorakit.core.spec import AdapterSpec
     try:
         selected = find_targets(model, AdapterSpec(targets=leaves))
     except ValueError:
