@@ -27,10 +27,12 @@ Chen et al., MLSys 2024, arXiv 2310.18547; vLLM's LRU adapter cache):
 - Attach (host → device) costs O(#target modules · pages of that adapter): free pages and slots
   come from free lists; nothing loops over the other loaded adapters.
 
-Forms: FACTORED_AB forms (lora, ffa, with rsLoRA, per-module ranks via ``module_args``) are served
-exactly. Other MERGEABLE forms are served through the SVD export to plain LoRA at ``export_rank``
-(the math of ``lorakit.io.export.export_lora``: best rank-k approximation, error reported in
-``bank.export_errors``); without ``export_rank`` they are refused with a clear message, as are
+Forms: adapters are read by the one factor model (``lorakit.core.factors``): FACTORED_AB forms (lora,
+ffa, with rsLoRA, per-module ranks via ``module_args``) are served exactly, relative to the original
+base (an adapter whose init rewrote the base, PiSSA/LoRA-GA/LDU/EVA-style, is served as
+[s·B, −s·B0]·[A; A0], rank 2r). Other MERGEABLE forms are served through the SVD at ``export_rank``
+(best rank-k approximation, error reported in ``bank.export_errors``); without ``export_rank`` they
+are refused with a clear message, as are
 input-dependent forms and adapters with a bias term.
 """
 
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.core.spec import build_args
+from lorakit.core.factors import FactorError, state_factors
 from lorakit.core.state import AdapterState, load_state
 
 DEFAULT_SERVING_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -104,7 +106,8 @@ class BankLayer:
 
 def _factors(state: AdapterState, base_layers: dict[str, nn.Module], export_rank: int | None,
              name: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """Per module (A (r, in), B·s (out, r)) of ``state``; exported at ``export_rank`` if not factored."""
+    """Per module (A (k, in), B·s (out, k)) of ``state`` relative to the original base (``core.factors``:
+    exact for factored forms, 2r with a base-rewriting init); SVD at ``export_rank`` otherwise."""
     cls = state.form_class()
     if Cap.MERGEABLE not in cls.caps:
         raise AdapterBankError(f"adapter {name!r}: form {cls.name!r} depends on the input (not MERGEABLE); "
@@ -113,44 +116,26 @@ def _factors(state: AdapterState, base_layers: dict[str, nn.Module], export_rank
     if not factored and export_rank is None:
         raise AdapterBankError(f"adapter {name!r}: form {cls.name!r} is not a factored B·A form; pass "
                                "export_rank=k to serve its rank-k SVD export (see lorakit.io.export.export_lora)")
-    by_module = state.by_module()
-    missing = sorted(set(by_module) - set(base_layers))
+    missing = sorted(set(state.by_module()) - set(base_layers))
     if missing:
         raise AdapterBankError(f"adapter {name!r} targets module(s) {missing[:3]} that the bank does not serve; "
                                f"served: {sorted(base_layers)[:6]}...")
-    forms = {}
-    for path in by_module:
-        args = build_args(cls.Args, state.spec.args_for(path), owner=f"form {cls.name!r}")
-        with torch.device("cpu"):
-            form = cls(base_layers[path], args)
-        form.bind_path(path)
-        forms[path] = form
-    if Cap.SHARED_TENSORS in cls.caps and forms:
-        shared = cls.build_shared(forms)
-        for form in forms.values():
-            form.bind_shared(shared)
-        given = state.shared_tensors()
-        if given:
-            shared.load(given)
+    try:
+        factors = state_factors(state, base_layers, rank=export_rank, label=f"adapter {name!r}")
+    except FactorError as e:
+        raise AdapterBankError(str(e)) from e
     out, errors = {}, {}
-    with torch.no_grad():
-        for path, form in forms.items():
-            form.load_tensors({k: v.float() for k, v in by_module[path].items()})
-            if form.delta_bias() is not None:
-                raise AdapterBankError(f"adapter {name!r}: module {path} has a bias term (lora_bias), which the "
-                                       "serving bank does not support")
-            if factored:
-                from lorakit.io.export import _scale
-
-                a, b = form.lora_A.detach().float(), form.lora_B.detach().float() * _scale(form)
-            else:
-                from lorakit.io.export import _svd_factors
-
-                delta = form.delta_weight().detach().float()
-                b, a = _svd_factors(delta, export_rank)
-                norm = float(delta.norm())
-                errors[path] = float((delta - b @ a).norm()) / norm if norm > 0 else 0.0
-            out[path] = (a.contiguous(), b.contiguous())
+    for path, f in factors.items():
+        if f.bias is not None:
+            raise AdapterBankError(f"adapter {name!r}: module {path} has a bias term (lora_bias), which the "
+                                   "serving bank does not support")
+        base = base_layers[path]
+        if (f.B.shape[0], f.A.shape[1]) != (base.out_features, base.in_features):
+            raise AdapterBankError(f"adapter {name!r}: module {path} is (out, in) = {(f.B.shape[0], f.A.shape[1])}, "
+                                   f"the base layer is {(base.out_features, base.in_features)}: another base model")
+        if not factored:
+            errors[path] = f.error
+        out[path] = (f.A.contiguous(), f.B.contiguous())
     return out, errors
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 import warnings
 from collections import Counter
@@ -42,11 +41,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.core.caps import Cap
-from lorakit.core.spec import AdapterSpec, build_args
+from lorakit.core.factors import FactorError, LoRAFactors, lora_state, state_factors
+from lorakit.core.spec import build_args
 from lorakit.core.state import ARCH_KEYS, AdapterState, BaseMismatchError, load_state
 
 RESCALES = ("none", "density", "l1", "l2", "linf")
@@ -60,74 +59,19 @@ class MergeInputError(ValueError):
 # -- reading and checking the inputs ---------------------------------------------------------------
 
 
-@dataclass
-class LoRAFactors:
-    """One module of one adapter with the scale folded in: ΔW = B @ A, bias already scaled."""
-
-    B: torch.Tensor  # (out, r)
-    A: torch.Tensor  # (r, in)
-    bias: torch.Tensor | None = None  # (out,)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        return self.B @ self.A
-
-
-def _scale_of(cls: type, args: Any, shape: tuple[int, int]) -> float:
-    """The form's own scale s for these args: the form is built on a meta-device layer (no memory)."""
-    form = cls(nn.Linear(shape[1], shape[0], bias=False, device="meta"), args)
-    scale = getattr(form, "scaling", None)
-    if not isinstance(scale, (int, float)):
-        raise MergeInputError(f"form {cls.name!r} declares FACTORED_AB but has no numeric `scaling`")
-    return float(scale)
-
-
 def read_factors(state: AdapterState, label: str) -> dict[str, LoRAFactors]:
-    """module path -> scale-folded factors of one adapter; refuses forms that are not ΔW = s·B·A."""
+    """module path -> scale-folded factors of one adapter relative to the original base
+    (``core.factors``); refuses forms that are not ΔW = s·B·A."""
     cls = state.form_class()
-    needed = Cap.FACTORED_AB | Cap.MERGEABLE
-    if needed not in cls.caps:
+    if Cap.FACTORED_AB | Cap.MERGEABLE not in cls.caps:
         raise MergeInputError(
             f"{label}: form {cls.name!r} is not LoRA-like (ΔW = s·B·A with lora_A/lora_B, capability "
             f"FACTORED_AB); merge methods read such factors. Convert it first with `lorakit export` "
             f"(truncated SVD to a plain LoRA)")
-    initial = getattr(state, "initial", None) or {}
-    initial_by_module = dataclasses.replace(state, tensors=initial).by_module() if initial else {}
-    out: dict[str, LoRAFactors] = {}
-    scales: dict[tuple, float] = {}
-    for path, tensors in state.by_module().items():
-        extra = sorted(set(tensors) - {"lora_A", "lora_B", "lora_bias"})
-        if "lora_A" not in tensors or "lora_B" not in tensors or extra:
-            raise MergeInputError(f"{label}: module {path} has tensors {sorted(tensors)}; expected lora_A, "
-                                  f"lora_B (and optionally lora_bias)")
-        A, B = tensors["lora_A"].float(), tensors["lora_B"].float()
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise MergeInputError(f"{label}: module {path} has lora_A {tuple(A.shape)} and lora_B "
-                                  f"{tuple(B.shape)}; expected (r, in) and (out, r)")
-        try:
-            args = build_args(cls.Args, state.spec.args_for(path), owner=f"{label}: form {cls.name!r}")
-        except (TypeError, ValueError) as e:
-            raise MergeInputError(str(e)) from e
-        if getattr(args, "r", A.shape[0]) != A.shape[0]:
-            raise MergeInputError(f"{label}: module {path} has rank {A.shape[0]} but its spec says r={args.r}")
-        key = (args, B.shape[0], A.shape[1])
-        if key not in scales:
-            scales[key] = _scale_of(cls, args, (B.shape[0], A.shape[1]))
-        s = scales[key]
-        bias = tensors.get("lora_bias")
-        factors = LoRAFactors(B=s * B, A=A, bias=None if bias is None else s * bias.float())
-        init = initial_by_module.get(path)
-        if init is not None and "lora_A" in init and "lora_B" in init:
-            # the adapter is relative to W − s·B0·A0: for the original W it is s·B·A − s·B0·A0
-            factors = LoRAFactors(B=torch.cat([factors.B, -s * init["lora_B"].float()], dim=1),
-                                  A=torch.cat([factors.A, init["lora_A"].float()], dim=0), bias=factors.bias)
-        out[path] = factors
-    if not out:
-        raise MergeInputError(f"{label}: the adapter holds no modules")
-    return out
+    try:
+        return state_factors(state, label=label)
+    except FactorError as e:
+        raise MergeInputError(str(e)) from e
 
 
 def _has_fingerprint(base: dict[str, Any]) -> bool:
@@ -413,23 +357,9 @@ class Merger:
 def build_state(merger: Merger, results: dict[str, ModuleResult], states: Sequence[AdapterState],
                 labels: Sequence[str], weights: Sequence[float], seconds: float) -> AdapterState:
     """A plain ``lora`` AdapterState (α = r per module, so s = 1) holding the merged factors."""
-    from lorakit.core import registry
-
-    lora = registry.get("form", "lora")
     ranks = {p: r.A.shape[0] for p, r in results.items()}
     default_r = Counter(ranks.values()).most_common(1)[0][0]
-    has_bias = any(r.bias is not None for r in results.values())
-    tensors: dict[str, torch.Tensor] = {}
-    for path, r in results.items():
-        tensors[f"{path}.{lora.tensor_key('lora_A')}"] = r.A.detach().float().contiguous()
-        tensors[f"{path}.{lora.tensor_key('lora_B')}"] = r.B.detach().float().contiguous()
-        if has_bias:
-            bias = r.bias if r.bias is not None else torch.zeros(r.B.shape[0])
-            tensors[f"{path}.{lora.tensor_key('lora_bias')}"] = bias.detach().float().contiguous()
-    module_args = {"^" + re.escape(p): {"r": r, "alpha": float(r)} for p, r in ranks.items() if r != default_r}
     first = states[0]
-    spec = AdapterSpec(form="lora", form_args={"r": default_r, "alpha": float(default_r), "bias": has_bias},
-                       targets=first.spec.targets, exclude=list(first.spec.exclude), module_args=module_args)
     errs = {p: r for p, r in results.items() if r.err_sq is not None}
     err_sq, norm_sq = sum(r.err_sq for r in errs.values()), sum(r.norm_sq or 0.0 for r in errs.values())
     report = {
@@ -449,7 +379,8 @@ def build_state(merger: Merger, results: dict[str, ModuleResult], states: Sequen
     if first.meta.get("task_type"):
         meta["task_type"] = first.meta["task_type"]
     base = next((s.base for s in states if _has_fingerprint(s.base)), first.base)
-    return AdapterState(spec=spec, tensors=tensors, base=dict(base), meta=meta)
+    return lora_state({p: LoRAFactors(B=r.B, A=r.A, bias=r.bias) for p, r in results.items()}, base=base,
+                      meta=meta, targets=first.spec.targets, exclude=first.spec.exclude)
 
 
 def summary(state: AdapterState) -> str:
