@@ -4,7 +4,7 @@ Same setup as ``bench/serving/run.py`` (its ``build_model`` and ``random_states`
 8 layers, vocab 32000, fp32), 32 rows, 32 distinct rank-``--rank`` adapters on q,k,v,o, a ``--context``-token
 prefilled DynamicCache, 1 torch thread. Variants, interleaved over ``--rounds``: ``base`` (served model,
 every row on the base) and ``lorakit`` (batched kernels, BGMV path). Each LoRA update
-(``batched_lora`` in the 32 ServedLinear layers). Two ablations of lorakit: ``lorakit_nocache`` gathers
+(``batched_lora`` in the 32 served layers (PagedSource)). Two ablations of lorakit: ``lorakit_nocache`` gathers
 every row's adapter pages at every step (no reuse of the step's plan and gathered weights across decode
 steps, ``ServingContext(gather_cache_bytes=0)``), and ``lorakit_advidx`` also does that gather by advanced
 indexing ``pool[pages]`` instead of ``index_select`` (the kernel before this profile).

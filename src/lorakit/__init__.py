@@ -11,6 +11,7 @@ Typical use::
 
 from lorakit.api import apply_state, attach, extract_state, load, save
 from lorakit.core.caps import Cap
+from lorakit.core.context import AdapterContext, mixing, use_context
 from lorakit.core.inject import (
     active_adapters,
     delete,
@@ -37,8 +38,9 @@ def methods(axis: str | None = None) -> list:
 
 
 __all__ = [
-    "AdapterFileError", "AdapterSpec", "AdapterState", "BaseMismatchError", "Cap", "UnknownMethodError",
+    "AdapterContext", "AdapterFileError", "AdapterSpec", "AdapterState", "BaseMismatchError", "Cap",
+    "UnknownMethodError",
     "active_adapters", "apply_state", "attach", "delete", "disabled", "extract_state", "find_targets",
-    "load", "load_state", "mark_trainable", "merge", "methods", "mixed_batch", "save", "save_state",
-    "set_active", "specs", "unload", "unmerge",
+    "load", "load_state", "mark_trainable", "merge", "methods", "mixed_batch", "mixing", "save", "save_state",
+    "set_active", "specs", "unload", "unmerge", "use_context",
 ]

@@ -36,7 +36,7 @@ def _aux(routed) -> torch.Tensor:
 
 def _preservation(routed) -> float:
     return sum(float(((t - routed._initial[p][n]) ** 2).sum()) for p, la in routed.layers.items()
-               for n, t in la.stack.named_parameters())
+               for n, t in la.stack.expert_named_parameters())
 
 
 def test_loaded_joint_router_has_the_same_aux_loss(tmp_path):

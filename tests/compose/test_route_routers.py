@@ -94,9 +94,9 @@ def test_router_own_gates_one_hot(folders):
         assert set(la.last["logits"].argmax(-1).unique().tolist()) <= {0, 1, 2}
     # per-token reference: each token gets the expert its gate picked, computed densely per layer
     x = torch.randn(2, 5, 32)
-    layer = met.layers["model.layers.0.self_attn.q_proj"]
+    layer = met.layers["model.layers.0.self_attn.q_proj"]  # the router's gate on that layer
     with torch.no_grad():
-        y = layer(x)
+        y = met.model.get_submodule("model.layers.0.self_attn.q_proj")(x)
         pick = layer.gate(x).argmax(-1)
         ref = layer.base_layer(x).clone()
         for i in range(2):
@@ -127,7 +127,7 @@ def test_meteora_gate_training_routes_two_tasks(folders):
     with torch.no_grad():
         routed(input_ids=test["input_ids"])
     assert routed.gate_accuracy(test["task_ids"]) > 0.9
-    assert all(not p.requires_grad for la in routed.layers.values() for p in la.stack.parameters())
+    assert all(not p.requires_grad for la in routed.layers.values() for p in la.stack.expert_parameters())
 
 
 def test_lora_mixer_rsl_hand_computed():
@@ -161,7 +161,7 @@ def test_lora_mixer_regimes_and_sparse_inference(folders):
     w = mixer.compute_weights(layer, torch.randn(4, 32) if layer.stack.A.shape[2] == 32 else torch.randn(4, 64))
     assert ((w > 0).sum(-1) == 2).all() and torch.allclose(w.sum(-1), torch.ones(4))
     assert probs.shape[-1] == 3
-    assert all(p.requires_grad is False for la in mixer.layers.values() for p in la.stack.parameters())
+    assert all(p.requires_grad is False for la in mixer.layers.values() for p in la.stack.expert_parameters())
     joint = route(base(), folders, "lora_mixer", regime="joint")
     joint.train()
     out = joint(input_ids=IDS, labels=IDS)
@@ -185,7 +185,7 @@ def test_reclora_mixture_matches_dense(folders, mix):
     layer = rec.layers[path]
     rec.prepare({"user": user})
     with torch.no_grad():
-        y = layer(x) - layer.base_layer(x)
+        y = rec.model.get_submodule(path)(x) - layer.base_layer(x)
     s = layer.stack
     for b in range(2):
         if mix == "delta":

@@ -1,4 +1,17 @@
-"""AdaptedLayer: a base Linear/Conv1D plus any number of named adapters."""
+"""AdaptedLayer: the one adapted layer. A frozen base layer plus named adapters (forms) and delta sources.
+
+Forward, for the per-forward context c (``core.context``; None outside any context):
+
+    out = base(x)
+    out += Σ_{a active, unmerged} Δ_a(x)                        (no context, or a context without names)
+    out[rows of a] += Δ_a(x[rows of a])                         (c.names + per-row c.ids: mixed batch)
+    out += Σ_e w_e · Δ_{names[e]}(x)                            (c.names + c.weights [..., E], or per-token ids)
+    out = source.add_delta(x, out, c)   for each delta source  (stacked/paged banks: routers, serving)
+
+Δ_a(x) is the form's ``apply`` (the fast factored path); adapters a layer does not hold add nothing.
+Merged adapters are already in the base weight and are skipped; per-row or weighted contexts refuse
+merged adapters (the merged update would reach every row).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +19,22 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form, is_conv1d
+from lorakit.core.context import AdapterContext, ContextError, current_context
+from lorakit.forms.base import Form, weight_out_in, write_weight
 
 
 class AdaptedLayer(nn.Module):
-    """Wraps a frozen base layer and holds ``{adapter_name: Form}``.
-
-    Forward = base output, then each active, unmerged adapter's ``apply`` in order. In a mixed
-    batch (``row_groups`` set) each row goes through at most one adapter; rows of adapters this
-    layer does not hold, and base-only rows, keep the base output.
-    """
+    """Wraps a frozen base layer and holds ``{adapter_name: Form}`` and ``{key: DeltaSource}``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
+        self.sources = nn.ModuleDict()  # key -> core.sources.DeltaSource (router stacks, serving banks)
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
-        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None  # legacy per-layer mixed batch
         self._bias_added = False  # merge gave a bias-free base layer a bias; unmerge takes it away
 
     # Some model code reads `.weight`/`.bias` of its projections (dtype checks, weight tying).
@@ -40,18 +50,40 @@ class AdaptedLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.row_groups is not None:
-            return self._mixed_forward(x, out)
-        for name in self.active:
-            if name in self.adapters and name not in self.merged:
-                out = _apply(self.adapters[name], x, out)
+        ctx = current_context()
+        if ctx is not None and ctx.names is not None:
+            out = self._context_forward(x, out, ctx)
+        elif self.row_groups is not None:
+            out = self._rows_forward(x, out, self.row_groups)
+        else:
+            for name in self.active:
+                if name in self.adapters and name not in self.merged:
+                    out = _apply(self.adapters[name], x, out)
+        for source in self.sources.values():
+            out = source.add_delta(x, out, ctx)
         return out
 
-    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _context_forward(self, x: torch.Tensor, out: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
+        if self.merged:
+            raise RuntimeError(f"per-row or weighted adapters while adapters {self.merged} are merged; unmerge first")
+        if ctx.weights is None and ctx.ids is not None and ctx.ids.dim() == 1:
+            return self._rows_forward(x, out, ctx.row_groups())
+        w = ctx.mixing_weights(x, len(ctx.names))
+        if w is None:
+            raise ContextError("a context with adapter names needs ids or weights")
+        result = out
+        for e, name in enumerate(ctx.names):
+            if name is None or name not in self.adapters:
+                continue
+            delta = _apply(self.adapters[name], x, out) - out
+            result = result + w[..., e, None].to(out.dtype) * delta
+        return result
+
+    def _rows_forward(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
         if self.merged:
             raise RuntimeError(f"mixed-adapter batch while adapters {self.merged} are merged; unmerge first")
         result = out
-        for name, rows in self.row_groups or ():
+        for name, rows in groups:
             if name not in self.adapters:
                 continue
             rows = rows.to(x.device)
@@ -112,13 +144,10 @@ class AdaptedLayer(nn.Module):
             self._add_bias(offset[1], sign=sign)
 
     def _weight_out_in(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if is_conv1d(self.base_layer) else w
+        return weight_out_in(self.base_layer)  # the layout ΔW uses, per layer kind (forms.base)
 
     def _write_weight(self, weight_out_in: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        new = weight_out_in.T if is_conv1d(self.base_layer) else weight_out_in
-        w.data.copy_(new.to(w.dtype))
+        write_weight(self.base_layer, weight_out_in)
 
     def _add_bias(self, delta: torch.Tensor | None, sign: float) -> None:
         if delta is None:

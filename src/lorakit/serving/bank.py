@@ -49,6 +49,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.core.factors import FactorError, state_factors
+from lorakit.core.layer import AdaptedLayer
 from lorakit.core.state import AdapterState, load_state
 
 DEFAULT_SERVING_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -184,11 +185,11 @@ class AdapterBank:
     def for_model(cls, model: nn.Module, targets: Iterable[str] = DEFAULT_SERVING_TARGETS, **kwargs) -> AdapterBank:
         """A bank over the Linear layers of ``model`` whose last name part is in ``targets``."""
         targets = set(targets)
-        layers = {p: m for p, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and p.rpartition(".")[2] in targets}
-        served = {p: m.base_layer for p, m in model.named_modules()
-                  if type(m).__name__ == "ServedLinear" and p.rpartition(".")[2] in targets}
-        layers.update(served)
+        layers = {}
+        for p, m in model.named_modules():
+            base = m.base_layer if isinstance(m, AdaptedLayer) else m  # already adapted, served or routed
+            if isinstance(base, nn.Linear) and p.rpartition(".")[2] in targets:
+                layers[p] = base
         if not layers:
             raise ValueError(f"no Linear layer of the model matches targets {sorted(targets)}")
         return cls(layers, **kwargs)

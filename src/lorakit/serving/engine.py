@@ -1,9 +1,11 @@
 """Serving engine: one base causal LM, many LoRA adapters per batch, continuous batching.
 
-- ``serve_model(model, bank)`` replaces each target ``nn.Linear`` by a ``ServedLinear`` that adds,
-  per batch row, the LoRA update of that row's adapter through ``lorakit.serving.kernels`` (prefill
-  and decode alike); the rows' adapter slots for the current forward live in a shared
-  ``ServingContext`` (one ``RowPlan`` per step, shared by all layers).
+- ``serve_model(model, bank)`` puts a ``PagedSource`` (a delta source of the one ``AdaptedLayer``,
+  ``core.sources``) into each target layer: it adds, per batch row, the LoRA update of that row's
+  adapter through the ``paged`` op of ``lorakit.serving.kernels`` (prefill and decode alike). The
+  engine writes the rows' slot ids and the step's ``RowPlan`` (built once per step by the shared
+  ``ServingContext``) into the per-forward ``AdapterContext``. Layers can hold other sources too, so a
+  routed composition (a router's stacks) or attached lorakit adapters are served in the same forward.
 - ``ServingEngine``: requests join (batched prefill: left-padded for the dense cache, right-padded
   with padding never stored for the paged one) and leave (rows dropped from the batch KV cache, or
   their pages freed) at every step; greedy or sampled decoding (temperature, top-k, top-p, per-request
@@ -50,13 +52,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.context import AdapterContext, use_context
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.sources import DeltaSource, add_source, remove_source, sources
 from lorakit.serving.bank import AdapterBank, AdapterBankError, BankFullError
 from lorakit.serving.kernels import RowPlan, batched_lora
 from lorakit.serving.kv import PagedKVCache, PagedKVPool, attention_mask_for
 
 
 class ServingContext:
-    """What every ServedLinear reads during one forward: the step's RowPlan and the kernel backend."""
+    """The engine's row plans: one ``RowPlan`` per step (reused across decode steps with the same slots)
+    and the kernel backend; what every ``PagedSource`` reads during one forward."""
 
     def __init__(self, backend: str = "auto", path: str = "auto", gather_cache_bytes: int = 64 << 20) -> None:
         self.plan: RowPlan | None = None
@@ -82,47 +88,42 @@ class ServingContext:
         self.plan = self._last = None
 
 
-class ServedLinear(nn.Module):
-    """A base Linear plus the bank's per-row LoRA updates for the current batch."""
+SERVING_SOURCE = "serving"  # the key of the bank's pools in AdaptedLayer.sources
 
-    def __init__(self, base_layer: nn.Linear, bank_layer, ctx: ServingContext) -> None:
+
+class PagedSource(DeltaSource):
+    """The serving bank's pages of one layer as a delta source: each row's adapter (by slot) from the
+    step's ``RowPlan`` (the per-forward ``AdapterContext.plan``, else the ``ServingContext``'s)."""
+
+    def __init__(self, bank_layer, serving: ServingContext) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.bank_layer = bank_layer
-        self.ctx = ctx
+        self.bank_layer = bank_layer  # a BankLayer (plain tensors, not a module)
+        self.serving = serving
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        plan = self.ctx.plan
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
+        plan = ctx.plan if ctx is not None and isinstance(ctx.plan, RowPlan) else self.serving.plan
         if plan is not None and plan.any_active and self.bank_layer.resident:
-            out = batched_lora(x, out, self.bank_layer, plan, backend=self.ctx.backend)
+            out = batched_lora(x, out, self.bank_layer, plan, backend=self.serving.backend)
         return out
 
 
 def serve_model(model: nn.Module, bank: AdapterBank, ctx: ServingContext | None = None) -> ServingContext:
-    """Wrap the bank's target Linear layers of ``model`` in place; returns the shared context."""
+    """Install the bank's pools in the target layers of ``model`` in place; returns the shared context."""
     ctx = ctx or ServingContext()
     for path, layer in bank.layers.items():
         module = model.get_submodule(path)
-        if isinstance(module, ServedLinear):
-            module.bank_layer, module.ctx = layer, ctx
+        if isinstance(module, AdaptedLayer) and SERVING_SOURCE in module.sources:
+            source = module.sources[SERVING_SOURCE]
+            source.bank_layer, source.serving = layer, ctx
             continue
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, ServedLinear(module, layer, ctx))
+        add_source(model, path, SERVING_SOURCE, PagedSource(layer, ctx))
     return ctx
 
 
 def unserve_model(model: nn.Module) -> nn.Module:
-    """Put the original Linear layers back."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, ServedLinear):
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, module.base_layer)
+    """Take the bank's sources out (the original layers return where nothing else is attached)."""
+    for path, _, _ in list(sources(model, SERVING_SOURCE)):
+        remove_source(model, path, SERVING_SOURCE)
     return model
 
 
@@ -426,8 +427,10 @@ class ServingEngine:
         keep = {"logits_to_keep": last[:, None].to(self.device)} if self._keep_logits else {}
         self.ctx.set_rows(slots, q)
         try:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=attention_mask_for(self.model, plan.mask),
-                             position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, **keep)
+            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan)):
+                out = self.model(input_ids=ids.to(self.device),
+                                 attention_mask=attention_mask_for(self.model, plan.mask),
+                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, **keep)
             cache.commit()
         finally:
             self.ctx.plan = None
@@ -451,8 +454,9 @@ class ServingEngine:
         self.ctx.set_rows(slots, tokens_per_row)
         try:
             keep = {"logits_to_keep": 1} if self._keep_logits else {}
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True, **keep)
+            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan)):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                 use_cache=True, **keep)
         finally:
             self.ctx.plan = None
         return out.logits[:, -1].float(), out.past_key_values

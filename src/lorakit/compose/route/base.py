@@ -47,8 +47,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.core import atomic
+from lorakit.core.batched import BackendError
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.sources import StackedLoRA, add_source, remove_source
 from lorakit.core.spec import build_args
 from lorakit.core.state import AdapterState
+from lorakit.forms.base import layer_dims
 
 ROUTER_FILE = "lorakit_router.json"
 BANK_FILE = "bank.safetensors"
@@ -122,48 +126,26 @@ class LoRABank:
         return cls(names=names, modules=modules)
 
 
-class ExpertStack(nn.Module):
-    """The E experts of one Linear as parameters (frozen unless a regime trains them)."""
+class ExpertStack(StackedLoRA):
+    """The E experts of one layer: the core's stacked source (``core.sources.StackedLoRA``), built from
+    :class:`ExpertTensors` (frozen unless a regime trains them); its gate is the router's."""
 
-    def __init__(self, t: ExpertTensors, trainable: bool = False) -> None:
-        super().__init__()
-        self.A = nn.Parameter(t.A.clone().float(), requires_grad=trainable)
-        self.B = nn.Parameter(t.B.clone().float(), requires_grad=trainable)
-        self.register_buffer("scale", t.scale.clone().float())
-        self.bias = None if t.bias is None else nn.Parameter(t.bias.clone().float(), requires_grad=trainable)
-        self.ranks = list(t.ranks)
+    def __init__(self, t: ExpertTensors, trainable: bool = False, gate: nn.Module | None = None,
+                 mode: str = "delta") -> None:
+        super().__init__(t.A, t.B, t.scale, t.bias, t.ranks, trainable=trainable, gate=gate, mode=mode)
 
-    @property
-    def num_experts(self) -> int:
-        return self.A.shape[0]
+    def mix(self, x: torch.Tensor, g: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        try:
+            return super().mix(x, g, mode)
+        except BackendError as e:
+            raise RouterError(str(e)) from e
 
-    def expert_delta(self, e: int) -> torch.Tensor:
-        """ΔW_e (out × in), dense; for tests and export."""
-        return self.scale[e] * self.B[e] @ self.A[e]
+    def expert_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The experts' own tensors (A, B, bias), not the gate's."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("gate.")]
 
-    def mix(self, x: torch.Tensor, g: torch.Tensor, mode: str = "delta") -> torch.Tensor:
-        """Σ_e g_e ΔW_e x (``delta``; g: [..., E] matching x's leading dims, or broadcastable) or
-        (Σ g_e s_e B_e)(Σ g_e A_e) x (``factors``; g: [batch, E], one mixture per sample)."""
-        x = x.to(self.A.dtype)
-        g = g.to(self.A.dtype)
-        if mode == "delta":
-            g = g.expand(*x.shape[:-1], g.shape[-1])
-            h = torch.einsum("...i,eri->...er", x, self.A) * (g * self.scale)[..., None]
-            y = torch.einsum("...er,eor->...o", h, self.B)
-        elif mode == "factors":
-            if g.dim() != 2 or g.shape[0] != x.shape[0]:
-                raise RouterError(f"factor mixing needs one weight vector per sample, shape [batch={x.shape[0]}, "
-                                  f"E], got {tuple(g.shape)}")
-            A_u = torch.einsum("be,eri->bri", g, self.A)
-            B_u = torch.einsum("be,eor->bor", g * self.scale, self.B)
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            y = torch.bmm(torch.bmm(flat, A_u.transpose(1, 2)), B_u.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-        else:
-            raise RouterError(f"unknown mix {mode!r}; known: {', '.join(MIXES)}")
-        if self.bias is not None:
-            gb = g if mode == "delta" else g.reshape(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
-            y = y + (gb * self.scale) @ self.bias
-        return y
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.expert_named_parameters()]
 
     def tensors(self) -> ExpertTensors:
         return ExpertTensors(A=self.A.detach(), B=self.B.detach(), scale=self.scale.detach(),
@@ -171,31 +153,34 @@ class ExpertStack(nn.Module):
 
 
 class RoutedLinear(nn.Module):
-    """A target Linear with a stack of experts and (optionally) its own gate; weights come from the owner."""
+    """A router's gate on one layer: computes the expert weights from the layer input (through the
+    owning :class:`RoutedModel`) and holds that layer's own gate parameters (``gate``) and what the
+    router records in forward (``last``: logits, probs). It is the ``gate`` of the layer's
+    :class:`ExpertStack`, a delta source of the one ``AdaptedLayer`` (``core.sources``)."""
 
     def __init__(self, base_layer: nn.Module, stack: ExpertStack, gate: nn.Module | None, path: str) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.stack = stack
+        self.__dict__["base_layer"] = base_layer  # plain references: the AdaptedLayer owns both
+        self.__dict__["stack"] = stack
         self.gate = gate
         self.path = path
         self.__dict__["_owner"] = None  # the RoutedModel (not a submodule: no cycle)
-        self.last: dict[str, torch.Tensor] = {}  # what the router records in forward (logits, probs)
+        self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor | None:
         owner = self.__dict__["_owner"]
         if owner is None or owner.disabled:
-            return out
-        g = owner.layer_weights(self, x)
-        return out + self.stack.mix(x, g, owner.mix).to(out.dtype)
+            return None
+        return owner.layer_weights(self, x)
+
+
+ROUTER_SOURCE = "router"  # the key of a router's stacks in AdaptedLayer.sources
 
 
 def _layer_shape(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    if type(module).__name__ == "Conv1D":  # HF GPT-2 Conv1D stores (in, out)
-        return w.shape[1], w.shape[0]
-    return w.shape[0], w.shape[1]
+    """(out, in) of a Linear or HF Conv1D."""
+    i, o = layer_dims(module)
+    return o, i
 
 
 # -- the routed model ---------------------------------------------------------------------------------
@@ -228,22 +213,25 @@ class RoutedModel(nn.Module):
         self.layers: dict[str, RoutedLinear] = {}
         for path, t in bank.modules.items():
             try:
-                base = model.get_submodule(path)
+                module = model.get_submodule(path)
             except AttributeError as e:
                 raise RouterError(f"module {path!r} of the adapters is not in this model") from e
-            if isinstance(base, RoutedLinear):
+            if isinstance(module, AdaptedLayer) and ROUTER_SOURCE in module.sources:
                 raise RouterError(f"{path}: already routed; unroute the model first")
-            if not hasattr(base, "weight") or base.weight.dim() != 2:
-                raise RouterError(f"{path}: a {type(base).__name__}, not a Linear; routers wrap Linear layers")
-            if _layer_shape(base) != (t.B.shape[1], t.A.shape[2]):
-                raise RouterError(f"{path}: model layer is (out, in) = {_layer_shape(base)}, the adapters are "
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            try:
+                shape = _layer_shape(base)
+            except TypeError as e:
+                raise RouterError(f"{path}: a {type(base).__name__}, not a Linear; routers wrap Linear layers") from e
+            if shape != (t.B.shape[1], t.A.shape[2]):
+                raise RouterError(f"{path}: model layer is (out, in) = {shape}, the adapters are "
                                   f"{(t.B.shape[1], t.A.shape[2])}: another base model")
-            stack = ExpertStack(t, trainable=self.trains_experts()).to(base.weight.device)
+            stack = ExpertStack(t, trainable=self.trains_experts(), mode=self.mix).to(base.weight.device)
             layer = RoutedLinear(base, stack, self.make_gate(t, path), path)
             layer.to(base.weight.device)
             layer.__dict__["_owner"] = self
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            stack.gate = layer
+            add_source(model, path, ROUTER_SOURCE, stack)
             self.layers[path] = layer
         self.build()
 
@@ -317,7 +305,7 @@ class RoutedModel(nn.Module):
             p.requires_grad_(False)
         params = self.gate_parameters()
         if self.trains_experts():
-            params += [p for la in self.layers.values() for p in la.stack.parameters()]
+            params += [p for la in self.layers.values() for p in la.stack.expert_parameters()]
         for p in params:
             p.requires_grad_(True)
         return params
@@ -378,10 +366,9 @@ class RoutedModel(nn.Module):
         return LoRABank(names=list(self.expert_names), modules={p: la.stack.tensors() for p, la in self.layers.items()})
 
     def unroute(self) -> nn.Module:
-        """Put the original layers back; returns the base model."""
-        for path, layer in self.layers.items():
-            parent, _, child = path.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base_layer)
+        """Take the router's sources out of the layers (the original modules return); the base model."""
+        for path in self.layers:
+            remove_source(self.model, path, ROUTER_SOURCE)
         self.layers = {}
         return self.model
 

@@ -133,7 +133,7 @@ class LoRAMixer(RoutedModel):
         # θ^(0): the experts as the router was built on them, for the preservation term of the joint regime
         # (saved with the router: after a load the bank holds the trained θ, not θ^(0))
         uses = self.args.regime == "joint" and self.args.preserve_coef != 0
-        self._initial = {p: {n: t.detach().clone() for n, t in la.stack.named_parameters()}
+        self._initial = {p: {n: t.detach().clone() for n, t in la.stack.expert_named_parameters()}
                          for p, la in self.layers.items()} if uses else {}
 
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -192,7 +192,7 @@ class LoRAMixer(RoutedModel):
         if self._initial:
             loss = loss + a.preserve_coef * sum(((t - self._initial[p][n].to(t)) ** 2).sum()
                                                 for p, la in self.layers.items()
-                                                for n, t in la.stack.named_parameters())
+                                                for n, t in la.stack.expert_named_parameters())
         return loss
 
     def routing_accuracy(self, task_ids: torch.Tensor) -> float:
@@ -205,5 +205,5 @@ class LoRAMixer(RoutedModel):
         return hits / max(total, 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.gate_parameters() + [p for la in self.layers.values() for p in la.stack.parameters()
+        return self.gate_parameters() + [p for la in self.layers.values() for p in la.stack.expert_parameters()
                                          if p.requires_grad]

@@ -137,7 +137,7 @@ class MeteoRA(RoutedModel):
 
         from tqdm.auto import tqdm
 
-        params = self.gate_parameters() + [p for la in self.layers.values() for p in la.stack.parameters()
+        params = self.gate_parameters() + [p for la in self.layers.values() for p in la.stack.expert_parameters()
                                            if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.train()
