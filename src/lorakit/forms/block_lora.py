@@ -43,6 +43,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common, check_min
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,8 @@ class BlockLoRAArgs:
     n_blk: int = 8
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"block_lora: rank r must be >= 1, got {self.r}")
-        if self.n_blk < 1:
-            raise ValueError(f"block_lora: n_blk must be >= 1, got {self.n_blk}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"block_lora: dropout must be in [0, 1), got {self.dropout}")
+        check_common("block_lora", self)
+        check_min("block_lora", "n_blk", self.n_blk, 1)
 
 
 def chunk_size(in_features: int, n_blk: int) -> int:

@@ -57,6 +57,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common, check_peft_bias
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,7 @@ class DoRAArgs:
     detach_norm: bool = True  # paper Sec. 4.3, PEFT, official dora_simple=True
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"dora: rank r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dora: dropout must be in [0, 1), got {self.dropout}")
+        check_common("dora", self)
 
 
 class DoRA(Form):
@@ -178,8 +176,7 @@ class DoRA(Form):
     def args_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
         if not config.get("use_dora"):
             raise ValueError("PEFT adapter is a plain LoRA (use_dora is false); read it with form 'lora'")
-        if config.get("bias", "none") != "none":
-            raise ValueError(f"PEFT option bias={config['bias']!r} (trained base biases) is not supported")
+        check_peft_bias(config)
         if config.get("lora_bias"):
             raise ValueError("PEFT option lora_bias=true is not supported together with DoRA")
         return {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),

@@ -47,6 +47,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,9 @@ class DyLoRAArgs:
     serve_rank: int | None = None  # initial serving rank b (None: r_max); a saved adapter keeps its own
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"dylora: maximum rank r must be >= 1, got {self.r}")
+        check_common("dylora", self, "maximum rank r")
         if self.serve_rank is not None and not 1 <= self.serve_rank <= self.r:
             raise ValueError(f"dylora: serve_rank must be in 1..r={self.r}, got {self.serve_rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dylora: dropout must be in [0, 1), got {self.dropout}")
 
 
 class DyLoRA(Form):

@@ -52,6 +52,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_choice, check_common, check_min
 
 BIAS_UPDATES = ("train", "always", "never")
 
@@ -74,12 +75,9 @@ class FlyLoRAArgs:
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ValueError(f"flylora: density (non-zeros per row / in_features) must be in (0, 1], "
                              f"got {self.density}")
-        if self.bias_update not in BIAS_UPDATES:
-            raise ValueError(f"flylora: bias_update must be one of {BIAS_UPDATES}, got {self.bias_update!r}")
-        if self.bias_u < 0:
-            raise ValueError(f"flylora: bias_u must be >= 0, got {self.bias_u}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"flylora: dropout must be in [0, 1), got {self.dropout}")
+        check_choice("flylora", "bias_update", self.bias_update, BIAS_UPDATES)
+        check_min("flylora", "bias_u", self.bias_u, 0)
+        check_common("flylora", self)
 
 
 def balance_bias(bias: torch.Tensor, selected: torch.Tensor, step: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form, init_skipped
+from lorakit.forms.checks import check_common
 
 RESERVE_E = 1e-5
 
@@ -48,8 +49,7 @@ class IncreLoRAArgs:
         if self.r < 1 or self.add_r < 1 or self.growths < 0:
             raise ValueError(f"increlora: need r >= 1, add_r >= 1, growths >= 0; got r={self.r}, "
                              f"add_r={self.add_r}, growths={self.growths}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"increlora: dropout must be in [0, 1), got {self.dropout}")
+        check_common("increlora", self)
 
 
 class IncreLoRA(Form):

@@ -51,6 +51,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form, init_skipped
+from lorakit.forms.checks import check_common
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ class LoLDUArgs:
     save_factors: bool = False  # also save π, L_r, U_r (reload then never re-factors the base weight)
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"loldu: rank r must be >= 1, got {self.r}")
+        check_common("loldu", self)
 
 
 def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

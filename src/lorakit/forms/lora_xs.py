@@ -43,6 +43,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common, check_min
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,8 @@ class LoRAXSArgs:
     init_std: float = 1e-5  # R ~ N(0, init_std²); 0 gives R = 0 (exact identity at init)
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora_xs: rank r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora_xs: dropout must be in [0, 1), got {self.dropout}")
-        if self.init_std < 0:
-            raise ValueError(f"lora_xs: init_std must be >= 0, got {self.init_std}")
+        check_common("lora_xs", self)
+        check_min("lora_xs", "init_std", self.init_std, 0)
 
 
 class LoRAXS(Form):

@@ -73,6 +73,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common
 
 _BLOCK = "miss_block"
 _LEGACY_BLOCK = "bone_block"  # PEFT BoneConfig era (peft_type "BONE")
@@ -105,8 +106,7 @@ class BoneArgs:
     r: int = 64
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"bone: block size r must be >= 1, got {self.r}")
+        check_common("bone", self, "block size r")
 
 
 class Bone(_MissFamily):
@@ -221,12 +221,9 @@ class MiSSArgs:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"miss: shard size r must be >= 1, got {self.r}")
+        check_common("miss", self, "shard size r")
         if self.mini_r is not None and self.mini_r < 1:
             raise ValueError(f"miss: mini_r must be >= 1 (None: the balance variant), got {self.mini_r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"miss: dropout must be in [0, 1), got {self.dropout}")
 
 
 class MiSS(_MissFamily):

@@ -52,6 +52,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
+from lorakit.forms.checks import check_common, check_min
 
 _MASK64 = (1 << 64) - 1
 SEED_LIMIT = 1 << 24  # layer seeds are exact in fp32
@@ -116,15 +117,11 @@ class NOLAArgs:
     dropout: float = 0.0  # on x before A (LoRA convention); the E2E script uses none
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"nola: rank r must be >= 1, got {self.r}")
+        check_common("nola", self)
         if self.num_basis_A < 1 or self.num_basis_B < 1:
             raise ValueError(f"nola: num_basis_A and num_basis_B must be >= 1, got "
                              f"{self.num_basis_A}, {self.num_basis_B}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"nola: seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"nola: dropout must be in [0, 1), got {self.dropout}")
+        check_min("nola", "seed", self.seed, 0)
 
 
 class NOLA(Form):

@@ -66,6 +66,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form, SharedTensors
+from lorakit.forms.checks import check_choice, check_common, check_peft_bias
 
 INITS = ("peft", "official")
 
@@ -83,12 +84,8 @@ class RandLoRAArgs:
     peft_layer_copies: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"randlora: rank r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"randlora: dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INITS:
-            raise ValueError(f"randlora: init must be one of {INITS}, got {self.init!r}")
+        check_common("randlora", self)
+        check_choice("randlora", "init", self.init, INITS)
 
 
 def num_bases(d: int, r: int) -> int:
@@ -260,8 +257,7 @@ class RandLoRA(Form):
 
     @classmethod
     def args_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
-        if config.get("bias", "none") != "none":
-            raise ValueError(f"PEFT option bias={config['bias']!r} (trained base biases) is not supported")
+        check_peft_bias(config)
         return {"r": int(config.get("r", 32)), "alpha": float(config.get("randlora_alpha", 640)),
                 "dropout": float(config.get("randlora_dropout", 0.0) or 0.0),
                 "projection_prng_key": int(config.get("projection_prng_key", 0)),

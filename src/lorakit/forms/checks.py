@@ -1,0 +1,32 @@
+"""Argument checks shared by the forms' ``Args`` dataclasses (one wording for every form)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def check_common(owner: str, args: Any, rank_name: str = "rank r") -> None:
+    """``r >= 1`` and ``0 <= dropout < 1`` for the Args fields that exist."""
+    r = getattr(args, "r", None)
+    if r is not None and r < 1:
+        raise ValueError(f"{owner}: {rank_name} must be >= 1, got {r}")
+    dropout = getattr(args, "dropout", None)
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{owner}: dropout must be in [0, 1), got {dropout}")
+
+
+def check_choice(owner: str, field: str, value: Any, known: Sequence[Any]) -> None:
+    if value not in known:
+        raise ValueError(f"{owner}: {field} must be one of {tuple(known)}, got {value!r}")
+
+
+def check_min(owner: str, field: str, value: Any, low: float) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{owner}: {field} must be >= {low}, got {value}")
+
+
+def check_peft_bias(config: dict[str, Any]) -> None:
+    """PEFT's ``bias`` option trains the base biases, which lorakit adapters never do."""
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"PEFT option bias={config['bias']!r} (trained base biases) is not supported")
