@@ -27,7 +27,8 @@ from lorakit.core.inject import (
 )
 from lorakit.core.registry import UnknownMethodError, entries
 from lorakit.core.spec import AdapterSpec
-from lorakit.core.state import AdapterFileError, AdapterState, BaseMismatchError, load_state, save_state
+from lorakit.core.state import AdapterFileError, AdapterState, BaseMismatchError
+from lorakit.io.peft import load_state, save_state
 
 __version__ = "0.1.0"
 

@@ -26,10 +26,11 @@ from lorakit.core.inject import (
 )
 from lorakit.core.layer import AdaptedLayer, set_initial_tensors
 from lorakit.core.spec import AdapterSpec
-from lorakit.core.state import AdapterState, BaseMismatchError, check_base, load_state, save_state
-from lorakit.forms.base import is_conv1d, skip_init
+from lorakit.core.state import AdapterState, BaseMismatchError, check_base
+from lorakit.forms.base import layer_kind, skip_init
 from lorakit.inits.base import initialize
 from lorakit.io.export import original_base_state
+from lorakit.io.peft import load_state, save_state
 
 
 def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "default", *,
@@ -88,10 +89,10 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
     if missing:
         problems.append(f"{len(missing)} module(s) not in the model, e.g. {missing[:3]}")
     paths = [p for p in by_module if p in present]
-    not_linear = [p for p in paths if not (isinstance(model.get_submodule(p), (nn.Linear, AdaptedLayer))
-                                           or is_conv1d(model.get_submodule(p)))]
+    not_linear = [p for p in paths if not (isinstance(model.get_submodule(p), AdaptedLayer)
+                                           or layer_kind(model.get_submodule(p)) is not None)]
     if not_linear:
-        problems.append(f"module(s) {not_linear[:3]} are not Linear/Conv1D layers")
+        problems.append(f"module(s) {not_linear[:3]} are not Linear/Conv1D/Conv2d/Embedding layers")
     if problems:
         raise BaseMismatchError(f"{where}: adapter does not fit this model: " + "; ".join(problems))
     try:
@@ -131,7 +132,11 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
         for form in forms.values():
             form.requires_grad_(False)
     spec = dataclasses.replace(state.spec)
-    install(model, name, spec, forms, activate=activate, trainable=trainable)
+    try:
+        install(model, name, spec, forms, activate=activate, trainable=trainable,
+                saved_tensors=state.saved_modules, base_tensors=state.base_layers)
+    except ValueError as e:  # modules_to_save or carried base weights that do not fit the model
+        raise BaseMismatchError(f"{where}: {e}") from e
     for path, form in forms.items():  # redo the init's base rewrite W ← W − ΔW0 on the original base
         model.get_submodule(path).rewrite_base(form)
     return model

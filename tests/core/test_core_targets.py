@@ -101,7 +101,7 @@ def test_attach_honours_exclude(tiny_llama):
     assert adapted == want
 
 
-@pytest.mark.parametrize("targets", [["nope"], "nope.*", ["embed_tokens"]])
+@pytest.mark.parametrize("targets", [["nope"], "nope.*"])
 def test_no_match_is_a_clear_error_listing_candidates(tiny_llama, targets):
     with pytest.raises(ValueError) as e:
         lorakit.find_targets(tiny_llama, AdapterSpec(targets=targets))
@@ -112,6 +112,21 @@ def test_no_match_is_a_clear_error_listing_candidates(tiny_llama, targets):
     with pytest.raises(ValueError, match="match no Linear/Conv1D module"):
         lorakit.attach(tiny_llama, AdapterSpec(targets=targets))
     assert lorakit.specs(tiny_llama) == {}
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], r"model\.embed_tokens"])
+def test_embedding_needs_a_form_that_declares_it(tiny_llama, targets):
+    """An Embedding is a target only for forms with Cap.EMBEDDING_OK; others are refused by name."""
+    assert lorakit.find_targets(tiny_llama, AdapterSpec(targets=targets)) == ["model.embed_tokens"]  # lora: ok
+    with pytest.raises(ValueError, match=r"Embedding layer 'model\.embed_tokens'.*form 'dora'.*EMBEDDING_OK"):
+        lorakit.attach(tiny_llama, AdapterSpec(form="dora", targets=targets))
+    assert lorakit.specs(tiny_llama) == {}
+
+
+def test_all_linear_never_selects_embeddings(tiny_llama):
+    paths = lorakit.find_targets(tiny_llama, AdapterSpec(targets="all-linear"))
+    assert "model.embed_tokens" not in paths and "lm_head" not in paths
+    assert all(isinstance(tiny_llama.get_submodule(p), nn.Linear) for p in paths)
 
 
 def test_exclude_everything_is_an_error(tiny_llama):

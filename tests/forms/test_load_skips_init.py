@@ -13,7 +13,7 @@ import torch
 import lorakit
 from lorakit.api import apply_state
 from lorakit.core import registry
-from lorakit.core.state import load_state
+from lorakit.io.peft import load_state
 from lorakit.forms.base import Form, _skipped_under_load, init_skipped, skip_init
 from lorakit.models import tiny_llama
 

@@ -10,7 +10,7 @@ import torch
 from serving_helpers import tiny_base, write_peft_adapters
 
 import lorakit
-from lorakit.core.state import load_state
+from lorakit.io.peft import load_state
 from lorakit.serving import AdapterBank, AdapterBankError, BankFullError, batched_lora
 from lorakit.serving.kernels import RowPlan, choose_path
 

@@ -24,6 +24,10 @@ class Cap(Flag):
     # holds model-level tensors shared by all layers of one adapter (Form.shared_names, built by
     # Form.build_shared, stored once per adapter; e.g. RandLoRA's random bases)
     SHARED_TENSORS = auto()
+    # works on nn.Conv2d (groups=1): ΔW in the weight's (out, in, kh, kw) layout, forward by convolution
+    CONV2D_OK = auto()
+    # works on nn.Embedding: ΔW in (embedding_dim, num_embeddings) layout, forward by a lookup of ids
+    EMBEDDING_OK = auto()
 
 
 def describe(caps: Cap) -> str:

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.core.inject import adapted_layers, adapter_modules, find_targets, specs
+from lorakit.core.inject import adapted_layers, adapter_modules, find_targets, saved_module_tensors, specs
 from lorakit.core.spec import AdapterSpec
 from lorakit.core.state import AdapterState
-from lorakit.forms.base import is_conv1d
+from lorakit.forms.base import is_conv1d, stored_layout
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
                 w = layer.base_layer.weight
                 base = layer.base_weight_out_in(original=True)
                 swapped.append((w, w.data))
-                w.data = base.T if is_conv1d(layer.base_layer) else base
+                w.data = stored_layout(layer.base_layer, base)
         return model_fingerprint(model)
     finally:
         for w, data in swapped:
@@ -70,4 +70,5 @@ def extract_state(model: nn.Module, name: str = "default") -> AdapterState:
     meta = {"peft_target_modules": _leaf_targets(model, modules), "fan_in_fan_out": conv1d == {True}}
     base = fingerprint(model)
     base["name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    return AdapterState(spec=specs(model)[name], tensors=tensors, base=base, meta=meta, initial=initial)
+    return AdapterState(spec=specs(model)[name], tensors=tensors, base=base, meta=meta, initial=initial,
+                        saved_modules=saved_module_tensors(model, name))

@@ -34,7 +34,6 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
-        self.row_groups: list[tuple[str, torch.Tensor]] | None = None  # legacy per-layer mixed batch
         self._bias_added = False  # merge gave a bias-free base layer a bias; unmerge takes it away
 
     # Some model code reads `.weight`/`.bias` of its projections (dtype checks, weight tying).
@@ -44,7 +43,7 @@ class AdaptedLayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)  # an Embedding has none
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -53,8 +52,6 @@ class AdaptedLayer(nn.Module):
         ctx = current_context()
         if ctx is not None and ctx.names is not None:
             out = self._context_forward(x, out, ctx)
-        elif self.row_groups is not None:
-            out = self._rows_forward(x, out, self.row_groups)
         else:
             for name in self.active:
                 if name in self.adapters and name not in self.merged:
@@ -176,7 +173,8 @@ def _apply(form: Form, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     dtype = _dtype(form)
     if x.dtype == dtype and out.dtype == dtype:
         return form.apply(x, out)
-    return form.apply(x.to(dtype), out.to(dtype)).to(out.dtype)
+    x = x.to(dtype) if x.is_floating_point() else x  # token ids (Embedding) stay integers
+    return form.apply(x, out.to(dtype)).to(out.dtype)
 
 
 def initial_delta(form: Form) -> tuple[torch.Tensor, torch.Tensor | None] | None:

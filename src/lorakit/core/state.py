@@ -6,6 +6,10 @@ Files in an adapter folder:
 - ``adapter_config.json``: PEFT's config, written for forms that have a ``peft_type``;
 - ``lorakit.json``: the full spec, the base fingerprint and the SHA-256 of the tensor file.
 Each file is written atomically and ``lorakit.json`` last, so an interrupted save is detected.
+
+This module is the lorakit side only: :func:`write_state` takes the PEFT config ready-made and
+:func:`read_state` reads folders with a ``lorakit.json``. ``lorakit.io.peft`` builds and reads PEFT
+configs and has the combined ``save_state`` / ``load_state`` (any adapter folder); core never imports io.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class AdapterState:
     ``tensors`` maps ``"<module path>.<suffix>"`` to fp32 tensors (suffix = the form's file key).
     Tensors shared by all layers (``Form.shared_names``) are keyed by their bare name (files:
     ``base_model.<name>``); PEFT's per-layer copies of them (``<module path>.<name>``) may be there too.
+    ``saved_modules`` holds the full copies of ``spec.modules_to_save`` keyed ``"<module path>.<param>"``
+    (files: ``base_model.model.<module path>.<param>``, PEFT's layout), apart from the form tensors.
     """
 
     spec: AdapterSpec
@@ -64,6 +70,10 @@ class AdapterState:
     # Tensors a base-rewriting init started from (same keys as ``tensors``); empty otherwise. With
     # them, loading onto the original base redoes W ← W − ΔW0 and the trained adapter is exact.
     initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved_modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Base-layer weights a PEFT file carries (``<path>.base_layer.<param>``, PEFT's ``save_embedding_layers``
+    # for adapted embeddings), keyed ``<module path>.<param>``: checked against the model on load, never saved.
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def form_class(self) -> type[Form]:
         from lorakit.core import registry
@@ -98,6 +108,17 @@ class AdapterState:
         return sum(t.numel() for t in self.tensors.values())
 
 
+def is_saved_module_key(key: str, modules_to_save: list[str] | tuple[str, ...]) -> bool:
+    """Whether tensor ``key`` (``<module path>.<param>``) belongs to a module of ``modules_to_save``
+    (a name matches a module path as PEFT: the full path or its last dotted parts)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if any(prefix == n or prefix.endswith("." + n) for n in modules_to_save):
+            return True
+    return False
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,37 +127,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str | None = None,
-               peft_state: AdapterState | None = None) -> Path:
-    """Write ``state`` into ``out_dir`` (PEFT layout + lorakit.json), atomically.
+def write_state(state: AdapterState, out_dir: str | Path, *, peft_config: dict[str, Any] | None = None,
+                peft_state: AdapterState | None = None) -> Path:
+    """Write ``state`` into ``out_dir`` (PEFT tensor layout + lorakit.json), atomically.
 
-    ``peft_state`` (for adapters whose init rewrote the base) is the equivalent adapter for the
-    original base: it becomes the PEFT files, and ``state`` is kept in lorakit's own files.
+    ``peft_config`` is written as ``adapter_config.json`` when given (``lorakit.io.peft.save_state``
+    builds it). ``peft_state`` (for adapters whose init rewrote the base) is the equivalent adapter for
+    the original base: it becomes the PEFT files, and ``state`` is kept in lorakit's own files.
     """
-    from lorakit.io import peft as peft_io
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if state.initial and peft_state is None:
         warnings.warn("this adapter's init rewrote the base weights; without a PEFT export for the original "
-                      "base (lorakit.save(model, ...) makes one), only lorakit can load it", stacklevel=2)
+                      "base (lorakit.save(model, ...) makes one), only lorakit can load it", stacklevel=3)
     split = bool(state.initial) or peft_state is not None
     peft_side = peft_state if peft_state is not None else (None if split else state)
     files: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
-    if peft_side is not None:
-        files["peft"] = (TENSORS_FILE, _file_tensors(peft_side, peft_side.tensors))
+    if peft_side is not None:  # the full copies (modules_to_save) go where PEFT reads them too
+        saved = peft_side.saved_modules or state.saved_modules
+        files["peft"] = (TENSORS_FILE, _file_tensors(peft_side, peft_side.tensors, saved))
     if split:
-        files["native"] = (NATIVE_TENSORS_FILE, _file_tensors(state, state.tensors))
+        files["native"] = (NATIVE_TENSORS_FILE, _file_tensors(state, state.tensors, state.saved_modules))
         if state.initial:
             files["initial"] = (INITIAL_TENSORS_FILE, _file_tensors(state, state.initial))
-    peft_cls = peft_side.form_class() if peft_side is not None else None
-    config = None
-    if peft_cls is not None and peft_cls.peft_type is not None:
-        try:
-            config = peft_io.peft_config(peft_side, base_model_name)
-        except peft_io.PeftIncompatibleError as e:
-            warnings.warn(f"{out}: no {PEFT_CONFIG_FILE} written, only lorakit can load this adapter: {e}",
-                          stacklevel=2)
+    config = peft_config if peft_side is not None else None
     # Everything is built in temp files first; nothing replaces the previous files unless all of it
     # worked. The renames then go tensors, PEFT config, lorakit.json (contexts exit in reverse).
     with contextlib.ExitStack() as stack:
@@ -161,17 +175,24 @@ def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str
     return out
 
 
-def _file_tensors(state: AdapterState, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _file_tensors(state: AdapterState, tensors: dict[str, torch.Tensor],
+                  saved_modules: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     cls = state.form_class()
-    return {(MODEL_KEY_PREFIX if k in cls.shared_names else KEY_PREFIX) + k: v.detach().to("cpu").contiguous()
-            for k, v in tensors.items()}
+    out = {(MODEL_KEY_PREFIX if k in cls.shared_names else KEY_PREFIX) + k: v.detach().to("cpu").contiguous()
+           for k, v in tensors.items()}
+    for k, v in (saved_modules or {}).items():
+        if KEY_PREFIX + k in out:
+            raise ValueError(f"modules_to_save tensor {k!r} has the key of an adapter tensor")
+        out[KEY_PREFIX + k] = v.detach().to("cpu").contiguous()
+    return out
 
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from an adapter folder; a clear AdapterFileError if it is not one."""
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -203,18 +224,16 @@ def read_tensors(adapter_dir: Path, name: str = TENSORS_FILE) -> dict[str, torch
     raise AdapterFileError(f"{adapter_dir}: no {TENSORS_FILE} (or {LEGACY_TENSORS_FILE}) found")
 
 
-def load_state(adapter_dir: str | Path) -> AdapterState:
-    """Read an adapter folder written by lorakit or by PEFT."""
-    from lorakit.io import peft as peft_io
-
+def read_state(adapter_dir: str | Path) -> AdapterState:
+    """Read an adapter folder written by lorakit (it has a ``lorakit.json``). Folders PEFT wrote are read
+    by ``lorakit.io.peft.load_state``, which reads either kind."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise AdapterFileError(f"{d}: adapter folder not found")
     if not (d / LORAKIT_FILE).exists():
-        if (d / PEFT_CONFIG_FILE).exists():
-            return peft_io.state_from_peft(_read_json(d / PEFT_CONFIG_FILE), read_tensors(d), d)
-        raise AdapterFileError(f"{d}: neither {LORAKIT_FILE} nor {PEFT_CONFIG_FILE} found; not an adapter folder")
-    info = _read_json(d / LORAKIT_FILE)
+        raise AdapterFileError(f"{d}: no {LORAKIT_FILE} found; not a lorakit adapter folder "
+                               "(lorakit.io.peft.load_state also reads PEFT folders)")
+    info = read_json(d / LORAKIT_FILE)
     for key in ("format_version", "spec"):
         if key not in info:
             raise AdapterFileError(f"{d / LORAKIT_FILE}: missing required field {key!r}")
@@ -242,8 +261,11 @@ def load_state(adapter_dir: str | Path) -> AdapterState:
         return {_strip(k, d): v.float() if v.is_floating_point() else v for k, v in read_tensors(d, name).items()}
 
     initial = read(files["initial"]) if "initial" in files else {}
-    return AdapterState(spec=spec, tensors=read(native), base=info.get("base", {}), meta=info.get("meta", {}),
-                        initial=initial)
+    tensors = read(native)
+    saved = {k: tensors.pop(k) for k in list(tensors) if spec.modules_to_save
+             and is_saved_module_key(k, spec.modules_to_save)}
+    return AdapterState(spec=spec, tensors=tensors, base=info.get("base", {}), meta=info.get("meta", {}),
+                        initial=initial, saved_modules=saved)
 
 
 def _strip(key: str, where: Path) -> str:
@@ -277,3 +299,4 @@ def check_base(state: AdapterState, fingerprint: dict[str, Any], where: str) -> 
 
 def replace_spec(state: AdapterState, **changes: Any) -> AdapterState:
     return dataclasses.replace(state, spec=dataclasses.replace(state.spec, **changes))
+

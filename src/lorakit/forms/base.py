@@ -20,18 +20,90 @@ def is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
-def layer_dims(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D."""
+# Layer kinds lorakit adapts. "linear" and "conv1d" are linear maps x ↦ W·x; "conv2d" is the 2-D
+# convolution of nn.Conv2d (weight (out, in, kh, kw)); "embedding" is the lookup of nn.Embedding
+# (weight (num_embeddings, dim)), i.e. the linear map one-hot(id) ↦ Wᵀ·one-hot(id) from R^num to R^dim.
+LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
+# The capability a form must declare to be put on a layer of each kind (Linear needs none).
+LAYER_CAPS: dict[str, Cap] = {"conv1d": Cap.CONV1D_OK, "conv2d": Cap.CONV2D_OK, "embedding": Cap.EMBEDDING_OK}
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """"linear", "conv1d", "conv2d" or "embedding" (see ``LAYER_KINDS``); None for any other layer."""
     if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
+        return "linear"
     if is_conv1d(layer):
+        return "conv1d"
+    if isinstance(layer, nn.Conv2d):
+        return "conv2d"
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable layer, as PEFT counts them: Linear/Conv1D their
+    feature sizes, Conv2d its channels (in_channels, out_channels), Embedding (num_embeddings,
+    embedding_dim) (the lookup is a linear map from one-hot ids in R^num to R^dim)."""
+    kind = layer_kind(layer)
+    if kind == "linear":
+        return layer.in_features, layer.out_features
+    if kind == "conv1d":
         return layer.weight.shape[0], layer.weight.shape[1]
-    raise TypeError(f"unsupported layer type {type(layer).__name__}; lorakit adapts Linear and Conv1D layers")
+    if kind == "conv2d":
+        if layer.groups != 1:
+            # ΔW = B·A of a grouped convolution is block-diagonal over the groups; PEFT cannot merge it either
+            raise TypeError(f"grouped Conv2d (groups={layer.groups}) is not supported; lorakit adapts Conv2d "
+                            "with groups=1")
+        return layer.in_channels, layer.out_channels
+    if kind == "embedding":
+        return layer.num_embeddings, layer.embedding_dim
+    raise TypeError(f"unsupported layer type {type(layer).__name__}; lorakit adapts Linear, HF Conv1D, Conv2d "
+                    "and Embedding layers")
+
+
+def _stored_transposed(layer: nn.Module) -> bool:
+    # Conv1D stores (in, out) and Embedding (num_embeddings, dim) = (in, out): both are the transpose of
+    # the (out, in) layout that ΔW uses.
+    return layer_kind(layer) in ("conv1d", "embedding")
 
 
 def weight_out_in(layer: nn.Module) -> torch.Tensor:
-    """The base weight in the (out, in) layout that ΔW uses (a view, no copy)."""
-    return layer.weight.T if is_conv1d(layer) else layer.weight
+    """The base weight in the layout ΔW uses (a view, no copy): (out, in) for Linear, Conv1D and Embedding
+    (Embedding: (dim, num_embeddings)), (out, in, kh, kw) for Conv2d (the weight itself)."""
+    layer_dims(layer)  # refuses unsupported layers clearly
+    return layer.weight.T if _stored_transposed(layer) else layer.weight
+
+
+def stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` given in the layout of :func:`weight_out_in`, as the layer stores it (a view, no copy)."""
+    return weight.T if _stored_transposed(layer) else weight
+
+
+def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Write ``weight``, given in the layout of :func:`weight_out_in`, into the layer's own weight storage
+    (in place, cast to the layer's dtype): the inverse of ``weight_out_in`` for merge/unmerge."""
+    w = layer.weight
+    new = stored_layout(layer, weight)
+    if tuple(new.shape) != tuple(w.shape):
+        raise ValueError(f"write_weight: {type(layer).__name__} weight is {tuple(w.shape)} stored, got "
+                         f"{tuple(weight.shape)} in the (out, in) layout")
+    w.data.copy_(new.to(w.dtype))
+
+
+class _LayerAwareKey:
+    """``tensor_key`` that reads on the class (the form's default ``file_keys``) and on an instance (the
+    keys for the kind of layer the form sits on: ``layer_file_keys[kind]`` over ``file_keys``), so
+    PEFT's per-layer-type names (e.g. ``lora_embedding_A`` on an Embedding) come out of one call."""
+
+    def __get__(self, form: Form | None, cls: type[Form]) -> Any:
+        kind = getattr(form, "layer_kind", None) if form is not None else None
+
+        def tensor_key(tensor_name: str) -> str:
+            keys = {**cls.file_keys, **cls.layer_file_keys.get(kind or "", {})}
+            return keys.get(tensor_name, tensor_name)
+
+        return tensor_key
 
 
 _SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("lorakit_skip_init", default=False)
@@ -95,7 +167,8 @@ class SharedTensors(nn.Module):
 
 
 class Form(nn.Module):
-    """An adapter parameterization attached to one base Linear/Conv1D.
+    """An adapter parameterization attached to one base layer (Linear/Conv1D; Conv2d and Embedding for
+    forms that declare ``Cap.CONV2D_OK`` / ``Cap.EMBEDDING_OK``).
 
     Subclasses set ``name``, ``Args`` (a frozen dataclass whose defaults come from the paper),
     ``caps`` and optionally ``peft_type``, allocate parameters in ``__init__`` and implement
@@ -126,6 +199,7 @@ class Form(nn.Module):
         super().__init__()
         self.args = args
         self.in_features, self.out_features = layer_dims(base_layer)
+        self.layer_kind: str = layer_kind(base_layer) or "linear"
         self.frozen: set[str] = set()
         # A plain reference (not a submodule): forms whose ΔW reads W (weight-guided forms) use it,
         # and it must not be saved or registered twice.
@@ -134,7 +208,8 @@ class Form(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        """The current base weight in (out, in) layout (merged adapters included, if any)."""
+        """The current base weight in (out, in) layout (merged adapters included, if any); (out, in, kh, kw)
+        on a Conv2d."""
         return weight_out_in(self._base_layer)
 
     # -- semantics -------------------------------------------------------------------------
@@ -199,17 +274,21 @@ class Form(nn.Module):
 
     # tensor name -> key suffix in saved files (PEFT's naming where PEFT knows the form)
     file_keys: ClassVar[dict[str, str]] = {}
+    # layer kind -> {tensor name: key suffix} where PEFT names a tensor differently on that kind of layer
+    # (e.g. LoRA on an Embedding: "lora_A" -> "lora_embedding_A")
+    layer_file_keys: ClassVar[dict[str, dict[str, str]]] = {}
 
-    @classmethod
-    def tensor_key(cls, tensor_name: str) -> str:
-        return cls.file_keys.get(tensor_name, tensor_name)
+    # ``Form.tensor_key(name)``: the default suffix; ``form.tensor_key(name)``: the suffix for its layer kind
+    tensor_key = _LayerAwareKey()
 
     @classmethod
     def split_key(cls, key: str) -> tuple[str, str]:
-        """Split a saved key ``<module path>.<suffix>`` into (module path, tensor name)."""
-        for name, suffix in cls.file_keys.items():
-            if key.endswith("." + suffix):
-                return key[: -len(suffix) - 1], name
+        """Split a saved key ``<module path>.<suffix>`` into (module path, tensor name); any layer kind's
+        suffix is recognized."""
+        for keys in (cls.file_keys, *cls.layer_file_keys.values()):
+            for name, suffix in keys.items():
+                if key.endswith("." + suffix):
+                    return key[: -len(suffix) - 1], name
         path, _, name = key.rpartition(".")
         return path, name
 

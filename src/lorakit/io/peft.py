@@ -5,11 +5,18 @@ fields, so ``PeftModel.from_pretrained`` loads the folder. Per-module ranks/alph
 ``rank_pattern``/``alpha_pattern`` (generically: the form's ``peft_patterns``).
 Reading: any folder PEFT wrote for a form lorakit implements, including several adapters saved in
 subfolders (PEFT saves adapter ``name`` under ``<dir>/<name>/``).
+
+:func:`save_state` and :func:`load_state` are the entry points for any adapter folder (lorakit's own
+files are written and read by ``lorakit.core.state``; this module adds the PEFT config on top).
+Full copies (``modules_to_save``) are stored as PEFT does, ``base_model.model.<module path>.<param>``,
+and listed in the config; ``task_type`` follows the model class recorded in the base fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,11 @@ from lorakit.core.state import (
     PEFT_CONFIG_FILE,
     AdapterFileError,
     AdapterState,
-    load_state,
+    is_saved_module_key,
+    read_json,
+    read_state,
+    read_tensors,
+    write_state,
 )
 from lorakit.forms.base import Form
 
@@ -77,6 +88,38 @@ class PeftIncompatibleError(ValueError):
     """An adapter PEFT's config cannot describe faithfully (it is still saved for lorakit)."""
 
 
+# Model class name suffix -> PEFT task type (PEFT picks the PeftModel subclass from it; each subclass calls
+# methods of its model kind, e.g. CAUSAL_LM needs ``prepare_inputs_for_generation``).
+_TASK_TYPES: tuple[tuple[str, str], ...] = (
+    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+
+
+def task_type_for(model_class: str | None) -> str | None:
+    """PEFT's ``task_type`` for a model class name: CAUSAL_LM for ``*ForCausalLM``/``*LMHeadModel``,
+    SEQ_CLS for ``*ForSequenceClassification``, TOKEN_CLS, QUESTION_ANS likewise; None (PEFT's plain
+    ``PeftModel``, which forwards any inputs) for anything else: bare encoders (``BertModel``), vision
+    models and custom modules. PEFT's FEATURE_EXTRACTION is not used: its forward takes text inputs only."""
+    if not model_class:
+        return None
+    for suffix, task in _TASK_TYPES:
+        if model_class.endswith(suffix):
+            return task
+    return None
+
+
+def peft_task_type(state: AdapterState) -> str | None:
+    """The task type recorded with the adapter (a PEFT file's own), else the one of the model class in
+    the base fingerprint; states without either (older lorakit files) keep the former CAUSAL_LM."""
+    if "task_type" in state.meta:
+        return state.meta["task_type"]
+    if "model_class" in state.base:
+        return task_type_for(state.base["model_class"])
+    return "CAUSAL_LM"
+
+
 def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict[str, Any]:
     cls = state.form_class()
     from lorakit.core.spec import build_args
@@ -84,11 +127,11 @@ def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict
     args = build_args(cls.Args, state.spec.form_args, owner=f"form {cls.name!r}")
     config: dict[str, Any] = {
         "peft_type": cls.peft_type,
-        "task_type": state.meta.get("task_type", "CAUSAL_LM"),
+        "task_type": peft_task_type(state),
         "base_model_name_or_path": base_model_name or state.base.get("name_or_path"),
         "target_modules": peft_target_modules(state),
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(state.spec.modules_to_save) or None,
         "revision": None,
     }
     if state.meta.get("fan_in_fan_out"):  # Conv1D (GPT-2) weights are stored (in, out)
@@ -132,16 +175,30 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
     targets = config.get("target_modules")
     if targets is None:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'target_modules'")
-    out = {}
+    to_save = config.get("modules_to_save") or []
+    if isinstance(to_save, str) or not all(isinstance(n, str) for n in to_save):
+        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: modules_to_save must be a list of module names, "
+                               f"got {to_save!r}")
+    out, saved, base_layers = {}, {}, {}
     for key, tensor in tensors.items():
         if key.removeprefix(MODEL_KEY_PREFIX) in cls.shared_names:  # model-level, shared by all layers
             out[key.removeprefix(MODEL_KEY_PREFIX)] = tensor.float()
             continue
         if not key.startswith(KEY_PREFIX):
             raise AdapterFileError(f"{where}: unexpected tensor key {key!r} (expected prefix {KEY_PREFIX!r})")
-        if "modules_to_save" in key or "lora_embedding" in key:
-            raise AdapterFileError(f"{where}: tensor {key!r} (modules_to_save / embedding LoRA) is not supported")
-        short = re.sub(r"\.(lora_\w+)\.default\.", r".\1.", key[len(KEY_PREFIX):])  # old PEFT kept names
+        rest = key[len(KEY_PREFIX):]
+        if to_save and is_saved_module_key(rest, to_save):  # a full copy (PEFT's modules_to_save)
+            rest = re.sub(r"\.modules_to_save\.[^.]+\.", ".", rest)  # PEFT before 0.7 kept the wrapper path
+            saved[rest] = tensor.float() if tensor.is_floating_point() else tensor
+            continue
+        base_layer = re.fullmatch(r"(.+)\.base_layer\.(\w+)", rest)
+        if base_layer:  # the base weights PEFT saves with adapted embeddings (save_embedding_layers)
+            base_layers[f"{base_layer[1]}.{base_layer[2]}"] = tensor.float() if tensor.is_floating_point() else tensor
+            continue
+        if ".modules_to_save." in key:
+            raise AdapterFileError(f"{where}: tensor {key!r} is a modules_to_save copy but the config does not "
+                                   "list its module in modules_to_save")
+        short = re.sub(r"\.(lora_\w+)\.default\.", r".\1.", rest)  # old PEFT kept adapter names
         path, name = cls.split_key(short)  # canonical key (a form may read legacy tensor names)
         short = f"{path}.{cls.tensor_key(name)}" if path else short
         out[short] = tensor.float() if tensor.is_floating_point() else tensor
@@ -149,12 +206,15 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
         raise AdapterFileError(f"{where}: the adapter file holds no tensors")
     module_args = _module_args_from_peft(cls, config, form_args, sorted({cls.split_key(k)[0] for k in out
                                                                         if k not in cls.shared_names}))
+    # PEFT adds names such as "score" for SEQ_CLS whether or not the model has them: keep those with tensors
+    kept = [n for n in to_save if any(is_saved_module_key(k, [n]) for k in saved)]
     spec = AdapterSpec(form=cls.name, form_args=form_args, targets=targets if isinstance(targets, str)
-                       else list(targets), exclude=[], module_args=module_args)
+                       else list(targets), exclude=[], module_args=module_args, modules_to_save=kept)
     meta = {"peft_target_modules": targets, "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             "task_type": config.get("task_type"), "source": "peft"}
     base = {"name_or_path": config.get("base_model_name_or_path")}
-    return AdapterState(spec=spec, tensors=out, base=base, meta=meta)
+    return AdapterState(spec=spec, tensors=out, base=base, meta=meta, saved_modules=saved,
+                        base_layers=base_layers)
 
 
 def _module_args_from_peft(cls: type[Form], config: dict[str, Any], form_args: dict[str, Any],
@@ -176,6 +236,42 @@ def _module_args_from_peft(cls: type[Form], config: dict[str, Any], form_args: d
         return module_args
     return {_exact_key(path): {f: v for f, v in args.items() if v != form_args[f]}
             for path, args in want.items() if any(v != form_args[f] for f, v in args.items())}
+
+
+def save_state(state: AdapterState, out_dir: str | Path, *, base_model_name: str | None = None,
+               peft_state: AdapterState | None = None) -> Path:
+    """Write ``state`` into ``out_dir``: PEFT's files (``adapter_model.safetensors`` and, for forms with a
+    ``peft_type``, ``adapter_config.json``) + ``lorakit.json``, atomically (``core.state.write_state``).
+
+    ``peft_state`` (for adapters whose init rewrote the base) is the equivalent adapter for the
+    original base: it becomes the PEFT files, and ``state`` is kept in lorakit's own files. An adapter
+    PEFT's config cannot describe is saved without ``adapter_config.json``, with a warning.
+    """
+    peft_side = peft_state if peft_state is not None else (None if state.initial else state)
+    config = None
+    if peft_side is not None and peft_side.form_class().peft_type is not None:
+        if peft_state is not None and not peft_side.spec.modules_to_save and state.spec.modules_to_save:
+            # the export carries the form tensors only; the full copies are the adapter's own
+            peft_side = dataclasses.replace(peft_side, spec=dataclasses.replace(
+                peft_side.spec, modules_to_save=list(state.spec.modules_to_save)))
+        try:
+            config = peft_config(peft_side, base_model_name)
+        except PeftIncompatibleError as e:
+            warnings.warn(f"{out_dir}: no {PEFT_CONFIG_FILE} written, only lorakit can load this adapter: {e}",
+                          stacklevel=2)
+    return write_state(state, out_dir, peft_config=config, peft_state=peft_state)
+
+
+def load_state(adapter_dir: str | Path) -> AdapterState:
+    """Read an adapter folder written by lorakit (``lorakit.json``) or by PEFT (``adapter_config.json``)."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterFileError(f"{d}: adapter folder not found")
+    if (d / LORAKIT_FILE).exists():
+        return read_state(d)
+    if (d / PEFT_CONFIG_FILE).exists():
+        return state_from_peft(read_json(d / PEFT_CONFIG_FILE), read_tensors(d), d)
+    raise AdapterFileError(f"{d}: neither {LORAKIT_FILE} nor {PEFT_CONFIG_FILE} found; not an adapter folder")
 
 
 def load_adapter_dirs(root: str | Path) -> dict[str, AdapterState]:

@@ -338,6 +338,9 @@ def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
         # Skip adapter sub-layers (lora_A/lora_B...), so wrapping a model keeps its fingerprint.
         if any(part.lower().startswith("lora") for part in name.split(".")):
             continue
+        # nor the adapters' own full copies (modules_to_save live under "<path>.adapters.<adapter name>")
+        if ".adapters." in f".{name}.":
+            continue
         if isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None:
             out.append(module.weight)
     return out
@@ -360,7 +363,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     last linear weights; LoRA sub-layers are ignored) and ``weights_hash``, a short hash of
     those stats rounded to 3 significant digits. Compare with :func:`compare_fingerprints`.
     """
-    config = model.config  # type: ignore[attr-defined]
+    config = getattr(model, "config", None)  # None for a plain torch module: sizes unknown, stats still taken
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     weights = _linear_weights(model)
     tensors: list[torch.Tensor] = []
@@ -375,6 +378,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     shapes = [list(t.shape) for t in tensors]
     payload = json.dumps([[_round(v) for v in stats], shapes])
     return {
+        # the class says what the model is for (PEFT's task_type: *ForCausalLM, *ForSequenceClassification)
+        "model_class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(text_config, "hidden_size", None),
         "num_layers": getattr(text_config, "num_hidden_layers", None),

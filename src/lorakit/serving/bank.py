@@ -50,7 +50,8 @@ from torch import nn
 from lorakit.core.caps import Cap
 from lorakit.core.factors import FactorError, state_factors
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.state import AdapterState, load_state
+from lorakit.core.state import AdapterState
+from lorakit.io.peft import load_state
 
 DEFAULT_SERVING_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

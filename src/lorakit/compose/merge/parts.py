@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from lorakit.core.caps import Cap
 from lorakit.core.factors import FactorError, LoRAFactors, lora_state, state_factors
 from lorakit.core.spec import build_args
-from lorakit.core.state import ARCH_KEYS, AdapterState, BaseMismatchError, load_state
+from lorakit.core.state import ARCH_KEYS, AdapterState, BaseMismatchError
+from lorakit.io.peft import load_state
 
 RESCALES = ("none", "density", "l1", "l2", "linf")
 CONSENSUS = ("sum", "count")

@@ -263,7 +263,7 @@ class AutoLoRARetriever:
     def states(self, hits: Sequence[Hit]) -> list[AdapterState]:
         """The indexed adapters of ``hits``, ready for ``merge`` or ``route`` (a loaded index reads them
         from the folders it was built from)."""
-        from lorakit.core.state import load_state
+        from lorakit.io.peft import load_state
 
         out = []
         for h in hits:

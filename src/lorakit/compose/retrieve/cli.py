@@ -106,7 +106,7 @@ def query(
         from lorakit.compose.merge import merge as do_merge
         from lorakit.compose.merge import summary
         from lorakit.core.registry import UnknownMethodError
-        from lorakit.core.state import save_state
+        from lorakit.io.peft import save_state
 
         try:
             state = do_merge(r.states(hits), merge, progress=True)
