@@ -105,6 +105,17 @@ def form_scale(form: Form) -> float:
         return float((form.delta_weight().detach().float() * ba).sum() / ba.square().sum().clamp_min(1e-30))
 
 
+LINEAR_KINDS = (None, "linear", "conv1d")
+
+
+def _check_linear(kind: str | None, label: str) -> None:
+    """The factor model covers linear maps (Linear, HF Conv1D); Conv2d/Embedding factors have other
+    shapes and PEFT keys, and are refused by name rather than written wrongly."""
+    if kind not in LINEAR_KINDS:
+        raise FactorError(f"{label} adapts a {kind} layer; merges, export, serving and federated aggregation "
+                          "read Linear/Conv1D LoRA factors only")
+
+
 def _check_mergeable(cls: type[Form], label: str) -> None:
     if Cap.MERGEABLE not in cls.caps:
         raise FactorError(f"{label}: form {cls.name!r} depends on the input (not MERGEABLE): it has no fixed "
@@ -147,6 +158,7 @@ def form_factors(form: Form, *, rank: int | None = None, original_base: bool = T
     (the rewritten W_res), i.e. ignores the init's rewrite.
     """
     _check_mergeable(type(form), f"module of form {form.name!r}")
+    _check_linear(getattr(form, "layer_kind", None), f"a module of form {form.name!r}")
     with torch.no_grad():
         initial = getattr(form, "initial_tensors", None) if original_base else None
         if Cap.FACTORED_AB in form.caps:
@@ -176,7 +188,12 @@ def _raw_factored(state: AdapterState, cls: type[Form], label: str) -> dict[str,
     initial_by_module = dataclasses.replace(state, tensors=state.initial).by_module() if state.initial else {}
     scales: dict[tuple, float] = {}
     out: dict[str, LoRAFactors] = {}
+    embedding_keys = {k.rsplit(".", 1)[0] for k in state.tensors if k.endswith(".lora_embedding_A")}
     for path, tensors in state.by_module().items():
+        if path in embedding_keys:
+            _check_linear("embedding", f"{label}: module {path}")
+        if "lora_A" in tensors and tensors["lora_A"].dim() == 4:
+            _check_linear("conv2d", f"{label}: module {path}")
         extra = sorted(set(tensors) - set(FACTOR_TENSORS))
         if "lora_A" not in tensors or "lora_B" not in tensors or extra:
             raise FactorError(f"{label}: module {path} has tensors {sorted(tensors)}; expected lora_A, lora_B "
