@@ -41,7 +41,7 @@ def test_fed_simulate_refuses_bad_options(tiny, tmp_path):
     result = runner.invoke(app, ["fed", "simulate", "--engine", "local", "--method", "fedprox"])
     assert result.exit_code == 2 and "unknown federated method" in result.output
     result = runner.invoke(app, ["fed", "simulate", "--engine", "local", "--method", "fedavg", "--ranks", "2,4"])
-    assert result.exit_code == 2 and "need method 'flora'" in result.output
+    assert result.exit_code == 2 and "need an aggregator with heterogeneous_ranks (flora)" in result.output
     result = runner.invoke(app, ["fed", "simulate", "--engine", "local", "-o", "bogus=1"])
     assert result.exit_code == 2 and "unknown federated option" in result.output
 
@@ -53,6 +53,13 @@ def test_fed_app_writes_a_flower_app(tmp_path):
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert 'serverapp = "lorakit.federated.flower:server_app"' in text and 'method = "ffa"' in text
     assert "dp = true" in text and "flower-supernode" in result.output
+    result = runner.invoke(app, ["fed", "app", str(tmp_path / "fair"), "--method", "lora_fair", "--method-arg",
+                                 "steps=12", "--method-arg", "lam=0.2"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "fair" / "pyproject.toml").read_text()
+    assert "method-args.steps = 12" in text and "method-args.lam = 0.2" in text
+    result = runner.invoke(app, ["fed", "app", str(tmp_path / "bad"), "--method", "ffa", "--method-arg", "steps=1"])
+    assert result.exit_code == 2 and "aggregator 'ffa': unknown argument 'steps'" in result.output
 
 
 @pytest.mark.slow

@@ -40,8 +40,10 @@ def tiny_cfg(tiny, out, **kw):
     model, data = tiny
     base = dict(model=str(model), data=str(data), clients=3, rounds=2, local_steps=2, batch_size=4, rank=2,
                 alpha=4.0, lr=1e-2, n_eval=15, max_length=32, min_client_examples=4, min_clients=2,
-                fair_steps=20, out=str(out))
+                out=str(out))
     base.update(kw)
+    if base.get("method") == "lora_fair":  # a short server-side solve keeps the test fast
+        base.setdefault("method_args", {"steps": 20})
     return FedConfig(**base)
 
 
@@ -94,9 +96,31 @@ def test_written_app_is_a_valid_flower_app(tmp_path):
     assert FedConfig.from_mapping(run_config) == FedConfig(method="flora", rounds=4, dp=True)
 
 
+def test_written_app_carries_method_args_as_a_toml_table(tmp_path):
+    """method_args travel as ``method-args.<field>`` keys: a TOML table in the app, dotted keys in
+    Flower's flattened run config; both read back to the same config and aggregator Args."""
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import flatten_dict
+
+    from lorakit.federated import LoRAFAIR
+    from lorakit.federated.client import make_aggregator
+
+    cfg = FedConfig(method="lora_fair", method_args={"steps": 7, "solver": "l2"})
+    d = write_app(tmp_path / "app", cfg)
+    text = (d / "pyproject.toml").read_text()
+    assert "method-args.steps = 7" in text and 'method-args.solver = "l2"' in text and "fair" not in text.replace(
+        'method = "lora_fair"', "")
+    config, _ = load_and_validate(d / "pyproject.toml")
+    table = config["tool"]["flwr"]["app"]["config"]
+    assert table["method-args"] == {"steps": 7, "solver": "l2"}
+    for run_config in (table, flatten_dict(table)):
+        again = FedConfig.from_mapping(run_config)
+        assert again == cfg and make_aggregator(again).args == LoRAFAIR.Args(steps=7, solver="l2")
+
+
 # -- processes (slow) ----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("method,fail", [("fedavg", ""), ("flora", "1@2")])
+@pytest.mark.parametrize("method,fail", [("fedavg", ""), ("flora", "1@2"), ("lora_fair", "")])
 def test_flower_simulation_equals_the_plain_loop(tiny, tmp_path, method, fail):
     from lorakit.federated.flower import simulate
 
@@ -111,6 +135,9 @@ def test_flower_simulation_equals_the_plain_loop(tiny, tmp_path, method, fail):
         assert "fails in round 2" in next(iter(r2.failed.values()))
     summary = json.loads((tmp_path / "sim" / "fed_summary.json").read_text())
     assert summary["engine"] == "flower-simulation" and len(summary["rounds"]) == 2
+    assert summary["method_args"] == local.summary()["method_args"]  # the ServerApp built the same Args
+    if method == "lora_fair":
+        assert summary["method_args"]["steps"] == 20
 
 
 def _free_port() -> int:

@@ -28,6 +28,8 @@ class Cap(Flag):
     CONV2D_OK = auto()
     # works on nn.Embedding: ΔW in (embedding_dim, num_embeddings) layout, forward by a lookup of ids
     EMBEDDING_OK = auto()
+    # a sparse form whose support is chosen from scores: implements select_top(scores (out, in))
+    SPARSE_MASK = auto()
 
 
 def describe(caps: Cap) -> str:

@@ -116,6 +116,16 @@ def _check_linear(kind: str | None, label: str) -> None:
                           "read Linear/Conv1D LoRA factors only")
 
 
+def factored_scale(cls: type[Form], args: Any, in_features: int, out_features: int, *,
+                   label: str = "adapter") -> float:
+    """s of a FACTORED_AB form class for ``args`` on an (out, in) layer, as the form computes it (it is
+    built on a meta-device layer: no memory, no tensors), so no caller restates a scaling rule."""
+    scale = getattr(cls(nn.Linear(in_features, out_features, bias=False, device="meta"), args), "scaling", None)
+    if not isinstance(scale, (int, float)):
+        raise FactorError(f"{label}: form {cls.name!r} declares FACTORED_AB but has no numeric `scaling`")
+    return float(scale)
+
+
 def _check_mergeable(cls: type[Form], label: str) -> None:
     if Cap.MERGEABLE not in cls.caps:
         raise FactorError(f"{label}: form {cls.name!r} depends on the input (not MERGEABLE): it has no fixed "
@@ -209,11 +219,8 @@ def _raw_factored(state: AdapterState, cls: type[Form], label: str) -> dict[str,
         if getattr(args, "r", A.shape[0]) != A.shape[0]:
             raise FactorError(f"{label}: module {path} has rank {A.shape[0]} but its spec says r={args.r}")
         key = (args, B.shape[0], A.shape[1])
-        if key not in scales:  # the form's own scale: built on a meta-device layer (no memory)
-            scale = getattr(cls(nn.Linear(A.shape[1], B.shape[0], bias=False, device="meta"), args), "scaling", None)
-            if not isinstance(scale, (int, float)):
-                raise FactorError(f"{label}: form {cls.name!r} declares FACTORED_AB but has no numeric `scaling`")
-            scales[key] = float(scale)
+        if key not in scales:
+            scales[key] = factored_scale(cls, args, A.shape[1], B.shape[0], label=label)
         s = scales[key]
         bias = tensors.get("lora_bias")
         factors = LoRAFactors(B=s * B, A=A, bias=None if bias is None else s * bias.float())

@@ -10,15 +10,16 @@ from lorakit.federated.base import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
-    Factors,
     GlobalState,
     lora_factors,
+    module_scales,
+    module_tensors,
     normalize_weights,
 )
-from lorakit.federated.config import METHODS, FedConfig
-from lorakit.federated.fedavg import FedAvg, fedavg_states
-from lorakit.federated.ffa import FFA, ffa_states
-from lorakit.federated.flora import FLoRA, flora_stack
+from lorakit.federated.config import FedConfig, aggregator_names
+from lorakit.federated.fedavg import FedAvg, FedAvgArgs, fedavg_states
+from lorakit.federated.ffa import FFA, FFAArgs, ffa_states
+from lorakit.federated.flora import FLoRA, FLoRAArgs, flora_stack
 from lorakit.federated.lora_fair import LoRAFAIR, LoRAFAIRArgs, lora_fair_states
 from lorakit.federated.metrics import aggregation_gap, global_delta, traffic
 from lorakit.federated.partition import dirichlet_partition, label_histogram
@@ -26,8 +27,9 @@ from lorakit.federated.server import RoundReport, Server
 from lorakit.federated.validate import validate_update
 
 __all__ = [
-    "FFA", "METHODS", "AggregationError", "AggregationResult", "Aggregator", "ClientUpdate", "Factors", "FedAvg",
-    "FedConfig", "FLoRA", "GlobalState", "LoRAFAIR", "LoRAFAIRArgs", "RoundReport", "Server", "aggregation_gap",
-    "dirichlet_partition", "fedavg_states", "ffa_states", "flora_stack", "global_delta", "label_histogram",
-    "lora_factors", "lora_fair_states", "normalize_weights", "traffic", "validate_update",
+    "FFA", "AggregationError", "AggregationResult", "Aggregator", "ClientUpdate", "FFAArgs", "FedAvg",
+    "FedAvgArgs", "FedConfig", "FLoRA", "FLoRAArgs", "GlobalState", "LoRAFAIR", "LoRAFAIRArgs", "RoundReport",
+    "Server", "aggregation_gap", "aggregator_names", "dirichlet_partition", "fedavg_states", "ffa_states",
+    "flora_stack", "global_delta", "label_histogram", "lora_factors", "lora_fair_states", "module_scales",
+    "module_tensors", "normalize_weights", "traffic", "validate_update",
 ]

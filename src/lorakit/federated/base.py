@@ -1,21 +1,32 @@
 """What every federated aggregator shares: client updates, the server's global state, LoRA factors.
 
 Notation (METHODS.md, "Federated LoRA"): a client k trains ΔW_k = s_k·B_k·A_k on each adapted
-module, B_k ∈ R^{d×r_k}, A_k ∈ R^{r_k×k}, s_k = α_k/r_k (α_k/√r_k with rsLoRA), and reports n_k
-examples; its weight is p_k = n_k / Σ_j n_j unless the caller gives weights. The *ideal* global
-update of a round is Σ_k p_k·ΔW_k; an aggregator is exact when the new global model equals it.
+module, B_k ∈ R^{d×r_k}, A_k ∈ R^{r_k×k}, with s_k the form's own scale (α_k/r_k, α_k/√r_k with
+rsLoRA; read from the form, never re-derived here), and reports n_k examples; its weight is
+p_k = n_k / Σ_j n_j unless the caller gives weights. The *ideal* global update of a round is
+Σ_k p_k·ΔW_k; an aggregator is exact when the new global model equals it.
+
+Two readings of an update, both through the core's one factor reader (``lorakit.core.factors``):
+:func:`lora_factors` gives the scale-folded factors (B ← s·B, so ΔW = B·A) for rules and metrics
+that work on ΔW; :func:`module_tensors` gives the raw, unscaled ``lora_A``/``lora_B`` that rules
+averaging the trained tensors themselves use (as their papers do), with :func:`module_scales`
+reading s from the form built on a meta-device layer.
 
 The server state (:class:`GlobalState`) has two parts: ``adapter``, the global adapter clients
-start from (None when clients start from a fresh adapter every round, as in FLoRA), and
-``base_delta``, a change merged into the base weights (FLoRA's stacked updates, summed over the
+start from (None for aggregators that declare ``fresh_adapters``: every client starts each round
+from a fresh adapter), and ``base_delta``, a change merged into the base weights (summed over the
 rounds), stored per module either as low-rank factors (``<path>.delta_B`` (d×R) and
 ``<path>.delta_A`` (R×k)) or dense (``<path>.delta_W`` (d×k)), whichever is smaller.
+
+An aggregator declares what generic code needs to know about it as class attributes (never by its
+name): ``Args`` (a frozen dataclass of its settings, defaults from its paper), ``form`` (the form its
+clients train), ``fresh_adapters``, ``seeded_tensors``, ``heterogeneous_ranks`` and
+``legacy_options`` (old configuration keys that meant one of its ``Args`` fields).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,8 +34,10 @@ from typing import Any, ClassVar
 import torch
 
 from lorakit.core.caps import Cap
+from lorakit.core.factors import FactorError, LoRAFactors, factored_scale, state_factors
 from lorakit.core.spec import AdapterSpec, build_args
 from lorakit.core.state import AdapterState
+from lorakit.federated.args import args_dict, parse_args
 
 FACTOR_NAMES = ("lora_A", "lora_B", "lora_bias")
 DELTA_SUFFIXES = ("delta_A", "delta_B", "delta_W")
@@ -38,7 +51,7 @@ class AggregationError(ValueError):
 class ClientUpdate:
     """One client's result for one round: its adapter after local training, as it arrived.
 
-    ``state.tensors`` holds what travelled (for FFA-LoRA only B); the server completes it
+    ``state.tensors`` holds what travelled (without the seeded tensors); the server completes it
     (:meth:`Aggregator.complete`) before aggregating.
     """
 
@@ -66,49 +79,52 @@ class AggregationResult:
     per_client_init: dict[int, dict[str, torch.Tensor]] | None = None
 
 
-@dataclass(frozen=True)
-class Factors:
-    """One module's LoRA factors with the scale s folded out: ΔW = s·B·A (+ s·bias)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    s: float
-    bias: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        return self.s * (self.B @ self.A)
-
-
 # -- helpers over adapter states ----------------------------------------------------------------
-def lora_scaling(args: Any, r: int) -> float:
-    """s = α/r, or α/√r with rsLoRA (the LoRA form's own rule, computed from its args)."""
-    return float(args.alpha) / (math.sqrt(r) if getattr(args, "rslora", False) else r)
-
-
 def check_factored(state: AdapterState, where: str = "adapter") -> None:
     cls = state.form_class()
     if Cap.FACTORED_AB not in cls.caps:
         raise AggregationError(f"{where}: form {cls.name!r} is not a B·A factored form; federated aggregation "
-                               "supports the forms with Cap.FACTORED_AB (lora, ffa)")
+                               "supports the forms that declare Cap.FACTORED_AB")
 
 
-def lora_factors(state: AdapterState, where: str = "adapter") -> dict[str, Factors]:
-    """module path -> its factors, with s from the spec (per-module args included)."""
+def lora_factors(state: AdapterState, where: str = "adapter") -> dict[str, LoRAFactors]:
+    """module path -> its factors with the scale folded in (ΔW = B·A), from the core's factor reader."""
     check_factored(state, where)
+    try:
+        return state_factors(state, label=where)
+    except FactorError as e:
+        raise AggregationError(str(e)) from e
+
+
+def module_tensors(state: AdapterState, where: str = "adapter") -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> its raw (unscaled) ``lora_A``, ``lora_B`` (and ``lora_bias``), as fp32.
+
+    For rules that average the trained tensors themselves; the shapes and names are checked by the
+    factor reader (:func:`lora_factors`), so a malformed update fails here with the same message.
+    """
+    lora_factors(state, where)
+    return {path: {n: t.float() for n, t in tensors.items()} for path, tensors in state.by_module().items()}
+
+
+def module_scales(state: AdapterState, where: str = "adapter") -> dict[str, float]:
+    """module path -> s of that module, as the form computes it (ΔW = s·B·A).
+
+    Read by the factor model (``core.factors.factored_scale``: the form built on a meta-device layer),
+    so this never restates the form's scaling rule.
+    """
     cls = state.form_class()
-    out = {}
-    for path, tensors in state.by_module().items():
-        unknown = set(tensors) - set(FACTOR_NAMES)
-        if unknown or "lora_A" not in tensors or "lora_B" not in tensors:
-            raise AggregationError(f"{where}: module {path} has tensors {sorted(tensors)}; expected lora_A, lora_B "
-                                   "(and optionally lora_bias)")
-        A, B = tensors["lora_A"].float(), tensors["lora_B"].float()
-        args = build_args(cls.Args, state.spec.args_for(path), owner=f"form {cls.name!r}")
-        out[path] = Factors(A=A, B=B, s=lora_scaling(args, A.shape[0]), bias=tensors.get("lora_bias"))
+    built: dict[tuple, float] = {}
+    out: dict[str, float] = {}
+    for path, tensors in module_tensors(state, where).items():
+        args = build_args(cls.Args, state.spec.args_for(path), owner=f"{where}: form {cls.name!r}")
+        in_f, out_f = tensors["lora_A"].shape[1], tensors["lora_B"].shape[0]
+        sig = (args, in_f, out_f)  # one form per distinct (args, shape): modules usually share them
+        if sig not in built:
+            try:
+                built[sig] = factored_scale(cls, args, in_f, out_f, label=where)
+            except FactorError as e:
+                raise AggregationError(str(e)) from e
+        out[path] = built[sig]
     return out
 
 
@@ -147,7 +163,7 @@ def check_same_modules(states: Sequence[AdapterState]) -> list[str]:
 
 
 def delta_weights(state: AdapterState) -> dict[str, torch.Tensor]:
-    """module path -> s·B·A of a factored adapter."""
+    """module path -> ΔW = s·B·A of a factored adapter (relative to the original base)."""
     return {p: f.delta() for p, f in lora_factors(state).items()}
 
 
@@ -187,9 +203,8 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 # -- the interface -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NoArgs:
-    pass
+def _is_frozen_dataclass(cls: Any) -> bool:
+    return isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
 
 
 class Aggregator:
@@ -197,22 +212,65 @@ class Aggregator:
 
     ``aggregate(global_state, updates)`` is a pure function of its inputs (no RNG, no I/O):
     the same updates give the same result bit for bit, whatever order they arrived in (updates
-    are sorted by client id first). Subclasses implement :meth:`combine`.
+    are sorted by client id first). Subclasses set ``name``, ``Args`` and the flags below, and
+    implement :meth:`combine`. An aggregator is built from an ``Args`` instance
+    (``cls(cls.Args(field=value))``) or from loosely typed values
+    (:meth:`from_values`, as the config and the CLI do).
     """
 
     name: ClassVar[str] = ""
-    Args: ClassVar[type] = NoArgs
-    # clients start every round from a fresh, seeded adapter (FLoRA) instead of the global one
+    # the settings of the rule, a frozen dataclass with the paper's defaults (an empty one is fine)
+    Args: ClassVar[type]
+    # the form clients train; None: AdapterSpec's default form
+    form: ClassVar[str | None] = None
+    # clients start every round from a fresh, seeded adapter instead of the global one
     fresh_adapters: ClassVar[bool] = False
-    # adapter tensors rebuilt by every client from the shared adapter seed; they never travel (FFA: A)
+    # adapter tensors rebuilt by every client from the shared adapter seed; they never travel
     seeded_tensors: ClassVar[tuple[str, ...]] = ()
-    # clients may use their own rank (the aggregator handles heterogeneous ranks exactly)
+    # clients may use their own rank (the aggregator handles heterogeneous ranks exactly); a client
+    # of another rank cannot start from the global adapter, so this needs fresh_adapters
     heterogeneous_ranks: ClassVar[bool] = False
+    # old FedConfig keys that meant one of this aggregator's Args fields: {old key: field}; accepted
+    # with a DeprecationWarning for one release
+    legacy_options: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, args: Any = None, **kwargs: Any) -> None:
-        if args is not None and kwargs:
-            raise TypeError("give either an Args instance or keyword arguments, not both")
-        self.args = args if args is not None else build_args(self.Args, kwargs, owner=f"aggregator {self.name!r}")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # checked when the class is defined, so a new aggregator cannot ship without these
+        if not _is_frozen_dataclass(getattr(cls, "Args", None)):
+            raise TypeError(f"aggregator {cls.__name__}: Args must be a frozen dataclass "
+                            "(@dataclass(frozen=True); an empty one is fine)")
+        if cls.heterogeneous_ranks and not cls.fresh_adapters:
+            raise TypeError(f"aggregator {cls.__name__}: heterogeneous_ranks needs fresh_adapters (a client of "
+                            "another rank cannot start from the global adapter)")
+        fields = {f.name for f in dataclasses.fields(cls.Args)}
+        stray = sorted(set(cls.legacy_options.values()) - fields)
+        if stray:
+            raise TypeError(f"aggregator {cls.__name__}: legacy_options name unknown Args fields {stray}")
+
+    def __init__(self, args: Any = None) -> None:
+        if args is None:
+            args = self.Args()
+        elif not isinstance(args, self.Args):
+            raise TypeError(f"aggregator {self.name!r} takes a {self.Args.__name__} (or nothing for the defaults), "
+                            f"got {type(args).__name__}; build one from plain values with "
+                            f"{type(self).__name__}.from_values(...)")
+        self.args = args
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any] | None = None) -> Aggregator:
+        """The aggregator with ``Args`` built from ``values`` (strings converted to the field types)."""
+        return cls(cls.parse_args(values or {}))
+
+    @classmethod
+    def parse_args(cls, values: Mapping[str, Any]) -> Any:
+        """This aggregator's ``Args`` from loosely typed values; clear errors for unknown keys and bad types."""
+        return parse_args(cls.Args, values, owner=f"aggregator {cls.name!r}")
+
+    @classmethod
+    def examples(cls) -> list[Any]:
+        """Small ``Args`` for the tests that run over every registered aggregator."""
+        return [cls.Args()]
 
     # -- set-up ------------------------------------------------------------------------------
     def check_spec(self, spec: AdapterSpec) -> None:
@@ -221,12 +279,14 @@ class Aggregator:
 
         cls = registry.get("form", spec.form)
         if Cap.FACTORED_AB not in cls.caps:
-            raise AggregationError(f"aggregator {self.name!r}: form {spec.form!r} is not B·A factored; "
-                                   "use form 'lora' or 'ffa'")
+            raise AggregationError(f"aggregator {self.name!r}: form {spec.form!r} is not B·A factored "
+                                   "(federated aggregation needs a form that declares Cap.FACTORED_AB)")
         args = build_args(cls.Args, spec.form_args, owner=f"form {cls.name!r}")
-        if getattr(args, "freeze_A", False) and not self.seeded_tensors:
+        if getattr(args, "freeze_A", False) and "lora_A" not in self.seeded_tensors:
+            keeping = [n for n in registry.names("federated")
+                       if "lora_A" in registry.get("federated", n).seeded_tensors]
             raise AggregationError(f"aggregator {self.name!r} trains A; form {spec.form!r} freezes it "
-                                   "(use aggregator 'ffa' for a frozen A)")
+                                   f"(aggregators that keep A seeded: {', '.join(keeping) or 'none'})")
 
     def init_state(self, template: AdapterState) -> GlobalState:
         """The round-0 global state from the adapter every client would build with the shared seed."""
@@ -289,7 +349,8 @@ class Aggregator:
         raise NotImplementedError
 
     def describe(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in dataclasses.asdict(self.args).items())})"
+        """``name(field=value, ...)`` with every ``Args`` field, defaults included."""
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in args_dict(self.args).items())})"
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], p: torch.Tensor) -> torch.Tensor:

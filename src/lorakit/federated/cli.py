@@ -9,29 +9,39 @@ from typing import Annotated, Any
 
 import typer
 
+from lorakit.core import registry
+
+# names and help come from the catalog, so this file names no aggregator
 fed_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                      help="Federated LoRA on Flower: FedAvg (FedIT), FLoRA, FFA-LoRA, LoRA-FAIR; DP-SGD clients.")
+                      help="Federated LoRA on Flower: aggregators of the catalog's 'federated' axis "
+                           "(`lorakit methods --axis federated`); DP-SGD clients.")
 
 ENGINES = ("flower", "local")
 
 
-def _config(values: dict[str, Any], options: list[str] | None) -> Any:
+def _config(values: dict[str, Any], options: list[str] | None, method_args: list[str] | None = None) -> Any:
+    """The FedConfig of a command: its options, then ``-o key=value``, then ``--method-arg k=v``."""
+    from lorakit.federated.args import split_kv
     from lorakit.federated.config import FedConfig
 
-    extra: dict[str, Any] = {}
-    for item in options or []:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--option expects key=value, got {item!r}")
-        extra[k.strip()] = v.strip()
     try:
-        return FedConfig.from_mapping({**values, **extra})
+        extra: dict[str, Any] = split_kv(options, "--option")
+        given = {k: v for k, v in values.items() if v is not None}  # None: not given, the config's default
+        merged = {**given, **extra}
+        if method_args:
+            # --method-arg values are typed by FedConfig against the aggregator's Args fields
+            dotted = {f"method_args.{k}": v for k, v in split_kv(method_args, "--method-arg").items()}
+            merged.update(dotted)
+        return FedConfig.from_mapping(merged)
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
 
-Method = Annotated[str, typer.Option(help="fedavg | flora | ffa | lora_fair")]
+Method = Annotated[str | None, typer.Option(
+    help=f"aggregator: {' | '.join(registry.names('federated'))} (default: the first)")]
+MethodArgs = Annotated[list[str] | None, typer.Option(
+    "--method-arg", help="a field of the aggregator's Args as key=value (repeatable), e.g. the solver's steps")]
 Clients = Annotated[int, typer.Option(help="number of clients (non-IID partitions of the data)")]
 Rounds = Annotated[int, typer.Option(help="federated rounds")]
 Model = Annotated[str, typer.Option(help="'smollm2' (embedded) or a local HF model dir / .gguf")]
@@ -41,7 +51,8 @@ BatchSize = Annotated[int, typer.Option(help="local batch size (expected Poisson
 Lr = Annotated[float, typer.Option(help="local learning rate (AdamW)")]
 Rank = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank")]
 Alpha = Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r)")]
-Ranks = Annotated[str, typer.Option(help="flora: per-client ranks, comma list cycled over clients")]
+Ranks = Annotated[str, typer.Option(help="per-client ranks, comma list cycled over clients (aggregators with "
+                                           "heterogeneous ranks)")]
 Targets = Annotated[str, typer.Option(help="comma list of module names, all-linear, or re:REGEX")]
 Dirichlet = Annotated[float, typer.Option(help="Dirichlet concentration of the label-skewed split")]
 NTrain = Annotated[int, typer.Option(help="training examples to split over clients (0: all)")]
@@ -59,7 +70,7 @@ Options = Annotated[list[str] | None, typer.Option("--option", "-o",
 
 @fed_app.command("simulate")
 def simulate(
-    clients: Clients = 10, rounds: Rounds = 3, method: Method = "fedavg",
+    clients: Clients = 10, rounds: Rounds = 3, method: Method = None, method_arg: MethodArgs = None,
     engine: Annotated[str, typer.Option(help="flower (Flower's simulation engine, Ray) or local (one process)")]
     = "flower",
     model: Model = "smollm2", data: Data = "sentiment", local_steps: LocalSteps = 5, batch_size: BatchSize = 8,
@@ -70,9 +81,9 @@ def simulate(
     out: Out = Path("runs/fed"), option: Options = None,
 ) -> None:
     """Run a federated fine-tuning on one machine: Flower's simulation engine (default) or a plain loop."""
-    values = {k: v for k, v in locals().items() if k not in ("engine", "num_cpus", "option")}
+    values = {k: v for k, v in locals().items() if k not in ("engine", "num_cpus", "option", "method_arg")}
     values["out"] = str(out)
-    cfg = _config(values, option)
+    cfg = _config(values, option, method_arg)
     if engine not in ENGINES:
         typer.secho(f"error: --engine must be one of {ENGINES}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -103,13 +114,20 @@ def _print(summary: dict[str, Any], out: Path) -> None:
                f"aggregation gap {'n/a' if gap is None else f'{gap:.2e}'}; "
                f"{(sum(per_round) / len(per_round) / 1e6) if per_round else 0:.2f} MB/round"
                + (f"; epsilon {eps:.2f}" if eps is not None else "") + f"  ({summary['seconds']:.0f} s)")
+    if summary.get("method_args"):
+        typer.echo(f"{summary['method']} args: {_args_text(summary['method_args'])}")
     typer.echo(f"fed_summary.json, metric.png and the global adapter in {out}")
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 
 @fed_app.command("app")
 def write_app(
     out: Annotated[Path, typer.Argument(help="folder of the Flower app to write")],
-    clients: Clients = 10, rounds: Rounds = 3, method: Method = "fedavg", model: Model = "smollm2",
+    clients: Clients = 10, rounds: Rounds = 3, method: Method = None, method_arg: MethodArgs = None,
+    model: Model = "smollm2",
     data: Data = "sentiment", local_steps: LocalSteps = 5, batch_size: BatchSize = 8, lr: Lr = 1e-3,
     rank: Rank = 8, alpha: Alpha = 16.0, ranks: Ranks = "", targets: Targets = "q_proj,v_proj",
     dirichlet_alpha: Dirichlet = 0.5, n_train: NTrain = 0, n_eval: NEval = 200, max_length: MaxLength = 128,
@@ -118,9 +136,9 @@ def write_app(
     option: Options = None,
 ) -> None:
     """Write a Flower app folder for `flwr run` (simulation or deployment engine; see docs/federated.md)."""
-    values = {k: v for k, v in locals().items() if k not in ("out", "results", "option")}
+    values = {k: v for k, v in locals().items() if k not in ("out", "results", "option", "method_arg")}
     values["out"] = str(results.resolve())
-    cfg = _config(values, option)
+    cfg = _config(values, option, method_arg)
     try:
         from lorakit.federated.flower import write_app as write
     except ImportError as e:
@@ -143,6 +161,7 @@ def show(summary: Annotated[Path, typer.Argument(help="a run folder or its fed_s
         typer.secho(f"error: {path} not found", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     s = json.loads(path.read_text())
+    typer.echo(f"{s.get('method', '?')}({_args_text(s.get('method_args') or {})}) on {s.get('engine', '?')}")
     typer.echo(f"{'round':>5} {'accepted':>8} {'rejected':>8} {'failed':>6} {'gap':>10} {'MB':>8} "
                f"{s['metric_name']:>10}")
     for r in s["rounds"]:

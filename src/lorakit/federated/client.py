@@ -3,9 +3,14 @@
 A :class:`Runtime` is what one process needs: the base model (loaded once), a copy of the original
 weights of the adapted modules, the task, its non-IID client split and the objective. The plain
 loop, the Flower ClientApp (one per simulated or real SuperNode) and the Flower ServerApp each use
-one. Everything random in a client's round (its adapter init for FLoRA, batch sampling, dropout, DP
+one. Everything random in a client's round (a fresh adapter's init, batch sampling, dropout, DP
 noise) is drawn from seeds derived from (run seed, round, client id), so a round gives the same
 update whichever engine or process runs it.
+
+How a client behaves follows the aggregator's declarations, never its name: ``fresh_adapters``
+(start from a fresh adapter seeded per round and client instead of the global one),
+``heterogeneous_ranks`` (train at this client's own rank from ``FedConfig.ranks``),
+``seeded_tensors`` (left out of the upload) and ``form`` (the form trained).
 """
 
 from __future__ import annotations
@@ -43,20 +48,17 @@ def derive_seed(*parts: Any) -> int:
 
 
 def make_aggregator(cfg: FedConfig) -> Aggregator:
-    from lorakit.core import registry
-
-    cls = registry.get("federated", cfg.method)
-    if cfg.method == "lora_fair":
-        return cls(lam=cfg.fair_lambda, solver=cfg.fair_solver, steps=cfg.fair_steps)
-    return cls()
+    """The configured aggregator with its ``Args`` (paper defaults overridden by ``cfg.method_args``)."""
+    return cfg.make_aggregator()
 
 
 def global_spec(cfg: FedConfig) -> AdapterSpec:
+    """The adapter every client builds (before any per-client rank)."""
     return AdapterSpec(form=cfg.form(), form_args={"r": cfg.rank, "alpha": cfg.alpha}, targets=cfg.target_list())
 
 
 def client_spec(cfg: FedConfig, client_id: int) -> AdapterSpec:
-    """The global spec with this client's rank (FLoRA with ``ranks``); α scales with r so s = α/r stays."""
+    """The global spec with this client's rank (``FedConfig.ranks``); α scales with r so s = α/r stays."""
     spec = global_spec(cfg)
     r = cfg.client_ranks()[client_id % cfg.clients]
     if r != cfg.rank:
@@ -111,7 +113,8 @@ class Runtime:
         return layer.weight.T if is_conv1d(layer) else layer.weight
 
     def set_base(self, base_delta: Mapping[str, torch.Tensor]) -> None:
-        """Base weights = the original ones + the merged delta (FLoRA); no adapter may be attached."""
+        """Base weights = the original ones + the merged delta (aggregators that merge into the base); no
+        adapter may be attached."""
         deltas = base_delta_weights({k: v for k, v in base_delta.items() if _is_delta_key(k)})
         unknown = set(deltas) - set(self.original)
         if unknown:
@@ -173,7 +176,7 @@ class Runtime:
         torch.set_num_threads(max(1, cfg.threads))
         t0 = time.perf_counter()
         seed = derive_seed("client", cfg.seed, server_round, client_id)
-        spec = client_spec(cfg, client_id) if aggregator.fresh_adapters else global_spec(cfg)
+        spec = client_spec(cfg, client_id) if aggregator.heterogeneous_ranks else global_spec(cfg)
         examples = [self.task.train[i] for i in self.partitions[client_id]]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

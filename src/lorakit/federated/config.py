@@ -1,22 +1,49 @@
 """One flat configuration for a federated run, shared by the plain loop, the Flower apps and the CLI.
 
 Every field is a scalar so that it maps 1:1 onto Flower's run config (``[tool.flwr.app.config]`` in
-the app's pyproject.toml, ``--run-config "method='flora' rounds=5"``); Flower's keys use dashes,
-so both ``local_steps`` and ``local-steps`` are accepted.
+the app's pyproject.toml, ``--run-config "rounds=5"``); Flower's keys use dashes, so both
+``local_steps`` and ``local-steps`` are accepted. The one exception is ``method_args``, the
+aggregator's own settings (the fields of its frozen ``Args``): a dict here, dotted keys
+``method-args.<field>`` in the run config (a TOML table, which Flower flattens the same way).
+
+This module names no aggregator: ``method`` is looked up in the catalog (axis ``federated``), and
+everything that depends on the aggregator is read from the class' declarations (its ``Args``,
+``form``, ``heterogeneous_ranks``, ``legacy_options``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fedavg", "flora", "ffa", "lora_fair")
+AXIS = "federated"  # the catalog axis of aggregators
+
+
+def aggregator_names() -> list[str]:
+    """The registered aggregators, in catalog order (the first one is the default method)."""
+    from lorakit.core import registry
+
+    return registry.names(AXIS)
+
+
+def aggregator_class(method: str) -> type:
+    """The aggregator class registered as ``method``; ValueError listing the known ones."""
+    from lorakit.core import registry
+
+    try:
+        return registry.get(AXIS, method)
+    except registry.UnknownMethodError:
+        raise ValueError(f"unknown federated method {method!r}; known: {', '.join(aggregator_names())}") from None
 
 
 @dataclass
 class FedConfig:
-    method: str = "fedavg"  # aggregator: fedavg | flora | ffa | lora_fair
+    method: str = ""  # the aggregator (catalog axis 'federated'); "": the first one in the catalog
+    method_args: dict[str, Any] = field(default_factory=dict)  # the aggregator's Args fields (defaults: its paper's)
     clients: int = 10  # number of clients (= partitions of the training data)
     rounds: int = 3
     fraction: float = 1.0  # share of the clients asked to train each round
@@ -33,8 +60,10 @@ class FedConfig:
     targets: str = "q_proj,v_proj"
     rank: int = 8
     alpha: float = 16.0
-    ranks: str = ""  # flora only: client ranks, comma list cycled over clients ("16,8,4"); α scales with r
-    adapter_seed: int = 0  # shared seed of the initial global adapter (FFA-LoRA's frozen A0)
+    # client ranks, comma list cycled over clients ("16,8,4"); α scales with r. Only for aggregators
+    # that declare heterogeneous_ranks
+    ranks: str = ""
+    adapter_seed: int = 0  # shared seed of the initial global adapter (and of tensors kept seeded)
     # local training
     local_steps: int = 5
     batch_size: int = 8
@@ -46,10 +75,6 @@ class FedConfig:
     dp_noise: float = 1.0  # noise multiplier σ (noise std = σ·C)
     dp_clip: float = 1.0  # per-sample gradient norm bound C
     dp_delta: float = 1e-5
-    # aggregator options
-    fair_lambda: float = 0.01
-    fair_solver: str = "cosine"
-    fair_steps: int = 200
     # run
     seed: int = 0
     threads: int = 1  # torch threads per training process
@@ -59,20 +84,43 @@ class FedConfig:
     out: str = "runs/fed"
 
     def __post_init__(self) -> None:
-        self.method = self.method.strip().lower().replace("-", "_")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown federated method {self.method!r}; known: {', '.join(METHODS)}")
+        from lorakit.core import registry
+
+        name = str(self.method).strip() or aggregator_names()[0]
+        cls = aggregator_class(name)
+        self.method = registry.entry(AXIS, name).name  # the catalog's spelling (dashes accepted for underscores)
+        if not isinstance(self.method_args, Mapping):
+            raise ValueError(f"method_args must be a mapping of {self.method!r}'s Args fields, "
+                             f"got {self.method_args!r}")
+        # typed and checked now, before any model is loaded; only the given keys are kept, so the
+        # config compares and round-trips as it was written
+        given = {str(k).replace("-", "_"): v for k, v in self.method_args.items()}
+        args = cls.parse_args(given)
+        self.method_args = {k: getattr(args, k) for k in given}
         if self.clients < 1 or self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("clients, rounds, local_steps and batch_size must be >= 1")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.ranks and self.method != "flora":
-            raise ValueError(f"per-client ranks need method 'flora' (it stacks mixed ranks exactly); "
-                             f"{self.method!r} needs one rank for all clients")
+        if self.ranks and not cls.heterogeneous_ranks:
+            able = [n for n in aggregator_names() if registry.get(AXIS, n).heterogeneous_ranks]
+            raise ValueError(f"per-client ranks (ranks={self.ranks!r}) need an aggregator with heterogeneous_ranks "
+                             f"({', '.join(able) or 'none registered'}); {self.method!r} needs one rank for all "
+                             "clients")
         self.client_ranks()  # validates the list
         self.failures()
+
+    # -- the aggregator ------------------------------------------------------------------------
+    def aggregator_class(self) -> type:
+        return aggregator_class(self.method)
+
+    def aggregator_args(self) -> Any:
+        """The aggregator's frozen ``Args``: its defaults, overridden by ``method_args``."""
+        return self.aggregator_class().parse_args(self.method_args)
+
+    def make_aggregator(self) -> Any:
+        return self.aggregator_class()(self.aggregator_args())
 
     # -- derived -----------------------------------------------------------------------------
     def client_ranks(self) -> list[int]:
@@ -104,7 +152,10 @@ class FedConfig:
         return [x.strip() for x in t.split(",") if x.strip()]
 
     def form(self) -> str:
-        return "ffa" if self.method == "ffa" else "lora"
+        """The form clients train: the aggregator's declared ``form``, else AdapterSpec's default."""
+        from lorakit.core.spec import AdapterSpec
+
+        return self.aggregator_class().form or AdapterSpec().form
 
     def runtime_key(self) -> tuple:
         """What the loaded model, data and split depend on (a process caches one runtime per key)."""
@@ -116,21 +167,71 @@ class FedConfig:
         return dataclasses.asdict(self)
 
     def to_run_config(self) -> dict[str, Any]:
-        """Flower run-config keys (dashes) and values."""
-        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
+        """Flower run-config keys (dashes) and scalar values; ``method_args`` as ``method-args.<field>``."""
+        out = {k.replace("_", "-"): v for k, v in self.to_dict().items() if k != "method_args"}
+        for k, v in self.method_args.items():
+            out[f"method-args.{k}"] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+        return out
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> FedConfig:
-        """From a run config or dict; unknown keys are refused by name; values coerced to the field type."""
+    def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> FedConfig:
+        """From a run config or dict; unknown keys are refused by name; values coerced to the field type.
+
+        ``method_args`` may come as a mapping (a dict, or the TOML table of a Flower app) or as
+        dotted keys ``method_args.<field>`` / ``method-args.<field>`` (Flower's flattened run config,
+        ``-o method_args.lam=0.1``); later keys win. An aggregator's ``legacy_options`` (old
+        top-level keys of one of its fields) are accepted with a DeprecationWarning.
+        """
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        defaults = cls()
+        scalar_defaults = {f.name: f.default for f in fields.values() if f.name != "method_args"}
         out: dict[str, Any] = {}
+        method_args: dict[str, Any] = {}
+        legacy: dict[str, Any] = {}
         for raw_key, value in {**values, **overrides}.items():
-            k = raw_key.replace("-", "_")
-            if k not in fields:
-                raise ValueError(f"unknown federated option {raw_key!r}; known: {', '.join(sorted(fields))}")
-            out[k] = _coerce(value, type(getattr(defaults, k)), raw_key)
-        return cls(**out)
+            k = str(raw_key).replace("-", "_")
+            if k == "method_args":
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"{raw_key}: expected a mapping of argument names to values, got {value!r}")
+                method_args = {str(a).replace("-", "_"): v for a, v in value.items()}
+            elif k.startswith("method_args."):
+                method_args[k.split(".", 1)[1]] = value
+            elif k in scalar_defaults:
+                out[k] = _coerce(value, type(scalar_defaults[k]), raw_key)
+            else:
+                legacy[raw_key] = value
+        if legacy:
+            method_args = _apply_legacy(legacy, str(out.get("method", "")), method_args, sorted(fields))
+        return cls(**out, method_args=method_args)
+
+
+def _apply_legacy(items: dict[str, Any], method: str, method_args: dict[str, Any],
+                  known: list[str]) -> dict[str, Any]:
+    """Old top-level keys declared by aggregators' ``legacy_options``: kept for one release, with a warning."""
+    from lorakit.core import registry
+
+    owners: dict[str, tuple[str, str]] = {}  # old key -> (aggregator, Args field)
+    for name in aggregator_names():
+        for old, new in registry.get(AXIS, name).legacy_options.items():
+            owners[old] = (name, new)
+    try:
+        chosen = registry.entry(AXIS, method or aggregator_names()[0]).name
+    except registry.UnknownMethodError:
+        chosen = None  # FedConfig refuses the name itself, with the known ones
+    out = dict(method_args)
+    for raw_key, value in items.items():
+        k = raw_key.replace("-", "_")
+        if k not in owners:
+            raise ValueError(f"unknown federated option {raw_key!r}; known: {', '.join(known)} "
+                             "(an aggregator's own settings go in method_args.<field>)")
+        owner, new = owners[k]
+        if owner != chosen:
+            warnings.warn(f"federated option {raw_key!r} is deprecated and ignored: it belongs to aggregator "
+                          f"{owner!r} (method_args.{new}), this run uses {chosen!r}", DeprecationWarning, stacklevel=3)
+            continue
+        warnings.warn(f"federated option {raw_key!r} is deprecated; use method_args.{new} "
+                      f"(--method-arg {new}=...)", DeprecationWarning, stacklevel=3)
+        out.setdefault(new, value)  # an explicit method_args value wins over the old spelling
+    return out
 
 
 def _coerce(value: Any, typ: type, name: str) -> Any:

@@ -1,16 +1,17 @@
 """DP-SGD for federated clients with opacus: per-sample clipping, Gaussian noise, RDP accounting.
 
-Sample-level (local) DP as in FFA-LoRA (Sun et al., ICLR 2024): each step the client samples a
-Poisson batch (rate q = B/n_k), clips every example's gradient to norm C, adds N(0, σ²C²) to the sum
-and divides by the expected batch size B (Abadi et al., CCS 2016, arXiv 1607.00133). ε at δ comes
-from opacus' RDP accountant. Flower's own DP wrappers are client-level DP, a different guarantee.
+Sample-level (local) DP as federated LoRA papers use it (Sun et al., ICLR 2024, arXiv 2403.12313):
+each step the client samples a Poisson batch (rate q = B/n_k), clips every example's gradient to
+norm C, adds N(0, σ²C²) to the sum and divides by the expected batch size B (Abadi et al., CCS 2016,
+arXiv 1607.00133). ε at δ comes from opacus' RDP accountant. Flower's own DP wrappers are
+client-level DP, a different guarantee.
 
 opacus computes per-sample gradients with hooks on the modules it knows (nn.Linear, ...). A lorakit
 adapter runs inside :class:`~lorakit.core.layer.AdaptedLayer` through ``form.apply``, which opacus
 cannot see, so for the duration of DP training :func:`dp_view` swaps each adapted layer for a
 module made of plain ``nn.Linear`` layers that *share* the form's parameters:
 ``base(x) + s·lora_B(lora_A(dropout(x)))`` — the same function as the LoRA form's ``apply``. Frozen
-tensors (FFA-LoRA's A) stay frozen, so opacus clips and noises B only.
+tensors (a seeded, frozen A) stay frozen, so opacus clips and noises B only.
 """
 
 from __future__ import annotations

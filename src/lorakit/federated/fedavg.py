@@ -11,6 +11,7 @@ Traffic: r(d+k) numbers per module each way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,8 @@ from lorakit.federated.base import (
     Aggregator,
     GlobalState,
     check_same_modules,
-    lora_factors,
+    module_scales,
+    module_tensors,
     normalize_weights,
     weighted_sum,
     with_tensors,
@@ -29,20 +31,29 @@ from lorakit.federated.base import (
 
 
 def fedavg_states(states: Sequence[AdapterState], weights: Sequence[float] | torch.Tensor) -> AdapterState:
-    """Average every tensor of same-shaped adapters separately: Σ_k p_k·T_k (A, B and bias alike)."""
+    """Average every tensor of same-shaped adapters separately: Σ_k p_k·T_k (A, B and bias alike).
+
+    The raw (unscaled) tensors are averaged, as FedIT does, so every client must share one scale s
+    per module (read from the form, see ``base.module_scales``); otherwise s·B̄·Ā would mix scales.
+    """
     p = normalize_weights(weights)
     if len(p) != len(states):
         raise AggregationError(f"{len(states)} updates but {len(p)} weights")
     check_same_modules(states)
-    factors = [lora_factors(s, f"update {i}") for i, s in enumerate(states)]
-    for path, f0 in factors[0].items():
-        for i, fs in enumerate(factors[1:], 1):
-            f = fs[path]
-            if f.A.shape != f0.A.shape or f.B.shape != f0.B.shape:
-                raise AggregationError(f"fedavg needs one rank for all clients: {path} has A{tuple(f0.A.shape)} in "
-                                       f"update 0 and A{tuple(f.A.shape)} in update {i} (use 'flora' for mixed ranks)")
-            if f.s != f0.s:
-                raise AggregationError(f"fedavg needs one scale for all clients: {path} has s={f0.s} and s={f.s}")
+    raw = [module_tensors(s, f"update {i}") for i, s in enumerate(states)]
+    for path, t0 in raw[0].items():
+        for i, ts in enumerate(raw[1:], 1):
+            A, B = ts[path]["lora_A"], ts[path]["lora_B"]
+            if A.shape != t0["lora_A"].shape or B.shape != t0["lora_B"].shape:
+                raise AggregationError(f"fedavg needs one rank for all clients: {path} has "
+                                       f"A{tuple(t0['lora_A'].shape)} in update 0 and A{tuple(A.shape)} in update {i} "
+                                       "(use 'flora' for mixed ranks)")
+    scales = [module_scales(s, f"update {i}") for i, s in enumerate(states)]
+    for path, s0 in scales[0].items():
+        for i, ss in enumerate(scales[1:], 1):
+            if ss[path] != s0:
+                raise AggregationError(f"fedavg needs one scale for all clients: {path} has s={s0} in update 0 "
+                                       f"and s={ss[path]} in update {i}")
     keys = sorted(states[0].tensors)
     for i, s in enumerate(states[1:], 1):
         if sorted(s.tensors) != keys:
@@ -51,10 +62,16 @@ def fedavg_states(states: Sequence[AdapterState], weights: Sequence[float] | tor
     return with_tensors(states[0], tensors)
 
 
+@dataclass(frozen=True)
+class FedAvgArgs:
+    """FedIT has no settings: the rule (a weighted mean of each tensor) is fixed by the paper."""
+
+
 class FedAvg(Aggregator):
     """FedIT: A and B averaged separately (the common baseline; inexact)."""
 
     name = "fedavg"
+    Args = FedAvgArgs
 
     def combine(self, state: GlobalState, states: list[AdapterState], p: torch.Tensor) -> AggregationResult:
         avg = fedavg_states(states, p)

@@ -10,6 +10,7 @@ B only, so it stays linear in ΔW (no ξ_B·ξ_A term).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from lorakit.federated.base import (
     AggregationResult,
     Aggregator,
     GlobalState,
-    lora_factors,
+    module_tensors,
     with_tensors,
 )
 from lorakit.federated.fedavg import fedavg_states
@@ -29,20 +30,28 @@ from lorakit.federated.fedavg import fedavg_states
 def ffa_states(states: Sequence[AdapterState], weights: Sequence[float] | torch.Tensor, *,
                atol: float = 0.0) -> AdapterState:
     """Σ_k p_k·B_k on the shared A0; every client's A must equal A0 (up to ``atol``)."""
-    factors = [lora_factors(s, f"update {i}") for i, s in enumerate(states)]
-    for path, f0 in factors[0].items():
-        for i, fs in enumerate(factors[1:], 1):
-            a = fs[path].A
-            if a.shape != f0.A.shape or not torch.allclose(a, f0.A, rtol=0.0, atol=atol):
+    raw = [module_tensors(s, f"update {i}") for i, s in enumerate(states)]
+    for path, t0 in raw[0].items():
+        a0 = t0["lora_A"]
+        for i, ts in enumerate(raw[1:], 1):
+            a = ts[path]["lora_A"]
+            if a.shape != a0.shape or not torch.allclose(a, a0, rtol=0.0, atol=atol):
                 raise AggregationError(f"ffa: update {i} has another A on {path}; FFA-LoRA needs one frozen A "
                                        "shared by all clients (same adapter seed)")
     return fedavg_states(states, weights)  # A is the same everywhere, so its average is A0 itself
+
+
+@dataclass(frozen=True)
+class FFAArgs:
+    """FFA-LoRA has no server-side settings: B is averaged on the one seeded A0 (the rule is exact)."""
 
 
 class FFA(Aggregator):
     """FFA-LoRA: A frozen at the shared seed, B averaged; exact."""
 
     name = "ffa"
+    Args = FFAArgs
+    form = "ffa"  # LoRA with freeze_A=True
     seeded_tensors = ("lora_A",)
 
     def check_spec(self, spec: AdapterSpec) -> None:

@@ -12,7 +12,7 @@ server → client: the aggregator's download (global adapter minus seeded tensor
 and the round number; client → server: the uploaded tensors, the client's adapter spec (JSON),
 ``num-examples``, ``client-id`` (its partition id), and its metrics (train loss, ε under DP).
 
-The strategy subclasses Flower's ``FedAvg`` for sampling and the round loop only;
+The strategy subclasses Flower's built-in averaging strategy for sampling and the round loop only;
 ``aggregate_train`` hands the replies to :class:`~lorakit.federated.server.Server` (validation,
 rejection with a logged reason, aggregation, gap, traffic). Failed replies (a crashed or killed
 client) are logged and the round goes on when ``min_clients`` valid updates remain.
@@ -33,7 +33,7 @@ try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
+    from flwr.serverapp.strategy import FedAvg as _FlowerStrategy  # Flower's class, not a lorakit method
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the Flower integration needs Flower: pip install 'lorakit[federated]'") from e
 
@@ -55,8 +55,8 @@ def _config(context: Context, overrides: dict[str, Any] | None) -> FedConfig:
 
 
 # -- strategy ------------------------------------------------------------------------------------
-class LoRAStrategy(_FlowerFedAvg):
-    """Flower's FedAvg round loop and sampling, lorakit's validation and aggregation."""
+class LoRAStrategy(_FlowerStrategy):
+    """Flower's round loop and sampling, lorakit's validation and aggregation."""
 
     def __init__(self, server: Server, cfg: FedConfig) -> None:
         super().__init__(fraction_train=cfg.fraction, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
@@ -253,7 +253,7 @@ build-backend = "hatchling.build"
 [project]
 name = "lorakit-fed"
 version = "1.0.0"
-description = "Federated LoRA with lorakit (FedAvg/FedIT, FLoRA, FFA-LoRA, LoRA-FAIR)"
+description = "Federated LoRA with lorakit"
 license = "Apache-2.0"
 dependencies = []
 

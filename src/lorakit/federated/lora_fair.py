@@ -31,7 +31,7 @@ from lorakit.federated.base import (
     Aggregator,
     GlobalState,
     key,
-    lora_factors,
+    module_tensors,
     normalize_weights,
     with_tensors,
 )
@@ -41,7 +41,17 @@ SOLVERS = ("cosine", "l2")
 
 
 @dataclass(frozen=True)
+class _Pair:
+    """Raw averaged factors of one module (ΔW/s = B·A)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LoRAFAIRArgs:
+    """LoRA-FAIR's server-side solve; λ = 0.01 is the paper's default, the solver details are ours."""
+
     lam: float = 0.01  # λ, the weight of the ‖ΔB‖ regularizer
     solver: str = "cosine"  # "cosine" (the paper's S) or "l2" (closed form)
     steps: int = 200  # optimizer steps of the cosine solve
@@ -129,15 +139,17 @@ def lora_fair_states(states: Sequence[AdapterState], weights: Sequence[float] | 
     args = args or LoRAFAIRArgs()
     p = normalize_weights(weights)
     avg = fedavg_states(states, p)  # checks one rank and one scale for everyone
-    factors = [lora_factors(s, f"update {i}") for i, s in enumerate(states)]
+    # raw (unscaled) factors: fedavg_states checked that s is one per module, and both objectives
+    # are written in units of ΔW/s (the cosine one is scale-free anyway)
+    raw = [module_tensors(s, f"update {i}") for i, s in enumerate(states)]
     tensors = dict(avg.tensors)
     cos_before, cos_after, rel = [], [], []
-    averaged = lora_factors(avg, "average")
+    averaged = {path: _Pair(A=t["lora_A"], B=t["lora_B"]) for path, t in module_tensors(avg, "average").items()}
     targets = {}
     for path, fa in averaged.items():
         target = torch.zeros(fa.B.shape[0], fa.A.shape[1], dtype=torch.float64)
-        for fs, w in zip(factors, p):
-            target += float(w) * (fs[path].B.double() @ fs[path].A.double())  # Σ p_k B_k A_k (= ΔW / s)
+        for ts, w in zip(raw, p):
+            target += float(w) * (ts[path]["lora_B"].double() @ ts[path]["lora_A"].double())  # Σ p_k B_k A_k
         targets[path] = target
     paths = list(averaged)
     with _one_thread():  # hundreds of small ops: extra threads only spin-wait (30x slower on a busy box)
@@ -186,6 +198,12 @@ class LoRAFAIR(Aggregator):
 
     name = "lora_fair"
     Args = LoRAFAIRArgs
+    # the FedConfig fields of earlier releases (`-o fair_lambda=...`, Flower apps written by them)
+    legacy_options = {"fair_lambda": "lam", "fair_solver": "solver", "fair_steps": "steps"}
+
+    @classmethod
+    def examples(cls) -> list[LoRAFAIRArgs]:
+        return [LoRAFAIRArgs(steps=20), LoRAFAIRArgs(solver="l2", lam=0.1)]
 
     def combine(self, state: GlobalState, states: list[AdapterState], p: torch.Tensor) -> AggregationResult:
         # a bias (lora_bias) is averaged as in FedAvg (linear, so exact); only B is corrected

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lorakit.federated.args import args_dict
 from lorakit.federated.base import GlobalState, tensor_bytes
 from lorakit.federated.client import Runtime, make_aggregator
 from lorakit.federated.config import FedConfig
@@ -43,6 +44,7 @@ class FedResult:
         return {
             "engine": self.engine,
             "method": self.config.method,
+            "method_args": args_dict(self.config.aggregator_args()),  # every Args field, defaults included
             "dp": self.config.dp,
             "metric_name": self.metric_name,
             "metric_before": self.evals.get(0, {}).get(self.metric_name),
@@ -68,6 +70,7 @@ def sample_clients(cfg: FedConfig, server_round: int) -> list[int]:
 
 def new_server(cfg: FedConfig, rt: Runtime) -> Server:
     agg = make_aggregator(cfg)
+    log.info("aggregator %s", agg.describe())
     return Server(agg, rt.template(agg), min_clients=cfg.min_clients, max_rank=max(cfg.client_ranks()))
 
 
@@ -115,11 +118,11 @@ def run_local(cfg: FedConfig, runtime: Runtime | None = None, *, progress: bool 
 
 def save_result(result: FedResult, out: str | Path) -> Path:
     """``fed_summary.json``, ``metric.png``, the global adapter (``global_adapter/``) and the merged base
-    change (``base_delta.safetensors``, FLoRA) in ``out``."""
+    change (``base_delta.safetensors``, when the aggregator merges into the base) in ``out``."""
     from safetensors.torch import save_file
 
     from lorakit.core import atomic
-    from lorakit.core.state import save_state
+    from lorakit.io.peft import save_state
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 from lorakit.core.state import AdapterState
 from lorakit.federated.base import Aggregator, ClientUpdate, GlobalState
 from lorakit.federated.metrics import aggregation_gap, traffic
-from lorakit.federated.validate import validate_update
+from lorakit.federated.validate import args_mismatch, validate_update
 
 log = logging.getLogger("lorakit.federated")
 
@@ -62,9 +62,9 @@ class Server:
                                  expected_shapes=agg.expected_shapes(self.state, self.template),
                                  max_rank=self.max_rank)
         if reason is None and not agg.heterogeneous_ranks:
-            s, t = update.state.spec, self.template.spec
-            if (s.form_args, s.module_args) != (t.form_args, t.module_args):
-                reason = f"adapter args {s.form_args} differ from the federation's {t.form_args}"
+            # compare the built Args, not the raw dicts: {'r': 4, 'alpha': 8} and the same with the
+            # defaults spelled out are one adapter
+            reason = args_mismatch(update.state.spec, self.template)
         return reason
 
     def round(self, updates: Sequence[ClientUpdate], *, sent: int | None = None,

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
-from lorakit.core.spec import build_args
+from lorakit.core.spec import AdapterSpec, build_args
 from lorakit.core.state import AdapterState
 from lorakit.federated.base import ClientUpdate
 
@@ -78,4 +79,26 @@ def _check_ranks(state: AdapterState, template: AdapterState, max_rank: int | No
         ranks.add(r)
     if len(ranks) > 1:
         return f"one rank per client expected, got ranks {sorted(ranks)} on different modules"
+    return None
+
+
+def args_mismatch(spec: AdapterSpec, template: AdapterState) -> str | None:
+    """None if ``spec`` builds the same form ``Args`` as ``template`` on every module, else the difference.
+
+    Equal in meaning, not in spelling: omitted defaults, ``8`` vs ``8.0``, or a per-module override
+    that restates the global value all build equal frozen ``Args``.
+    """
+    if spec.form != template.spec.form:
+        return f"form {spec.form!r} but the federation uses {template.spec.form!r}"
+    cls = template.form_class()
+    for path in template.modules:
+        try:
+            got = build_args(cls.Args, spec.args_for(path), owner=f"form {cls.name!r}")
+        except (TypeError, ValueError) as e:
+            return f"invalid adapter spec ({e})"
+        want = build_args(cls.Args, template.spec.args_for(path), owner=f"form {cls.name!r}")
+        if got != want:
+            diff = ", ".join(f"{f.name}={getattr(got, f.name)!r} (federation: {getattr(want, f.name)!r})"
+                             for f in dataclasses.fields(want) if getattr(got, f.name) != getattr(want, f.name))
+            return f"{path}: adapter args differ from the federation's: {diff}"
     return None
