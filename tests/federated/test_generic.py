@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 from pathlib import Path
 
@@ -108,43 +107,6 @@ def test_the_clients_form_is_the_aggregators_declaration():
         assert form == (cls.form or AdapterSpec().form)
         assert Cap.FACTORED_AB in registry.get("form", form).caps
         cls().check_spec(AdapterSpec(form=form))  # its own form passes its own check
-
-
-# -- every aggregator: frozen Args, examples, describe, purity -----------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_every_aggregator_has_frozen_args_and_describes_them(name):
-    cls = registry.get("federated", name)
-    assert dataclasses.is_dataclass(cls.Args) and cls.Args.__dataclass_params__.frozen
-    assert cls.Args.__doc__  # says what the settings are (or that the rule has none)
-    for args in cls.examples():
-        agg = cls(args)
-        text = agg.describe()
-        assert text.startswith(f"{name}(")
-        for f in dataclasses.fields(cls.Args):
-            assert f"{f.name}={getattr(args, f.name)!r}" in text
-        # the same values as strings (a command line) build the same Args
-        as_text = {f.name: str(getattr(args, f.name)) for f in dataclasses.fields(args)}
-        assert cls.from_values(as_text).args == args
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            agg.args.x = 1  # type: ignore[attr-defined]
-    with pytest.raises(TypeError, match=cls.Args.__name__):
-        cls({"not": "an Args"})
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_every_aggregator_is_deterministic_and_order_independent(name):
-    cls = registry.get("federated", name)
-    form = FedConfig(method=name).form()
-    states = client_states(4, form=form, ranks=[2, 4] if cls.heterogeneous_ranks else None, seed=3)
-    for args in cls.examples():
-        agg = cls(args)
-        init = agg.init_state(template(form))
-        ups = updates_of(states)
-        shuffled = ups[:]
-        random.Random(1).shuffle(shuffled)
-        a, b = agg.aggregate(init, ups).state, agg.aggregate(init, shuffled).state
-        assert adapters_equal(a, b) and a.round == 1
-        assert (a.adapter is None) == cls.fresh_adapters
 
 
 def test_an_aggregator_without_frozen_args_is_refused_at_definition():
