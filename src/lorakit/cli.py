@@ -100,42 +100,137 @@ def train(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     out: Annotated[Path, typer.Option(help="run dir")] = Path("runs/train"),
 ) -> None:
-    """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one."""
+    """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one.
+
+    --rank/--alpha/--dropout/--rslora fill only the forms that have r/alpha/...
+    (an explicit one for a form without it is an error); --form-arg r=.. wins.
+
+    --form-arg/--init-arg/--strategy-arg k=v are parsed to the argument's type.
+    --strategy-arg NAME.k=v goes to strategy NAME; a bare k=v goes to every
+    listed strategy that has k. In the YAML --config file these take a list of
+    "k=v" strings or a mapping (strategy_arg also {NAME: {k: v}}).
+    """
     from lorakit.core import registry
-    from lorakit.core.spec import AdapterSpec
+    from lorakit.core.registry import UnknownMethodError
+    from lorakit.core.spec import AdapterSpec, TrainSpec, validate_spec
+    from lorakit.strategies.base import check_stack
     from lorakit.train.run import finetune
     from lorakit.train.trainer import TrainConfig
 
-    cli = {k: v for k, v in locals().items() if k not in ("ctx", "registry", "AdapterSpec", "finetune", "TrainConfig")}
+    cli = {k: v for k, v in locals().items() if k not in _TRAIN_LOCALS}
+    explicit = {k for k in cli if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     if config is not None:
-        cli = _merge_yaml(ctx, config, cli)
-    form_args = {"r": cli["rank"], "alpha": cli["alpha"]}
-    if cli["dropout"] is not None:
-        form_args["dropout"] = cli["dropout"]
-    if cli["rslora"]:
-        form_args["rslora"] = True
-    form_args.update(_parse_kv(cli["form_arg"], "--form-arg"))
-    spec = AdapterSpec(form=cli["form"], form_args=form_args, init=cli["init"],
-                       init_args=_parse_kv(cli["init_arg"], "--init-arg"),
-                       targets=_targets(cli["targets"]) if isinstance(cli["targets"], str) else cli["targets"])
-    strategies = []
-    s_args = _parse_kv(cli["strategy_arg"], "--strategy-arg")
-    for name in cli["strategy"] or []:
-        own = {k.split(".", 1)[1]: v for k, v in s_args.items() if k.startswith(name + ".")}
-        shared = {k: v for k, v in s_args.items() if "." not in k}
-        strategies.append(registry.get("strategy", name)(**{**shared, **own}))
+        cli, from_yaml = _merge_yaml(ctx, config, cli)
+        explicit |= from_yaml
+    try:
+        form_cls = registry.get("form", cli["form"])
+        init_cls = registry.get("init", cli["init"])
+        names = [cli["strategy"]] if isinstance(cli["strategy"], str) else cli["strategy"] or []  # YAML: one name
+        strategy_classes = {name: registry.get("strategy", name) for name in names}
+        form_args = _form_args(form_cls, cli, explicit)
+        init_args = parse_method_args(init_cls, cli["init_arg"], owner=f"init {init_cls.name!r}")
+        strategy_args = _strategy_args(strategy_classes, cli["strategy_arg"])
+        if len(strategy_classes) != len(names):
+            raise ValueError(f"strategy listed twice in --strategy {names}")
+        strategies = [cls(**strategy_args[name]) for name, cls in strategy_classes.items()]
+        check_stack(strategies)  # refuse exclusive pairs here, with exit code 2, before a model loads
+        spec = AdapterSpec(form=cli["form"], form_args=form_args, init=cli["init"], init_args=init_args,
+                           targets=_targets(cli["targets"]) if isinstance(cli["targets"], str) else cli["targets"])
+        validate_spec(spec)  # bad form/init values (e.g. k > r) exit 2 here, before a model loads
+    except (UnknownMethodError, ValueError) as e:
+        _fail(str(e))
     tc = TrainConfig(steps=cli["steps"], batch_size=cli["batch_size"], grad_accum=cli["grad_accum"], lr=cli["lr"],
                      weight_decay=cli["weight_decay"], warmup_steps=cli["warmup_steps"], schedule=cli["schedule"],
                      max_grad_norm=cli["max_grad_norm"] or None, eval_every=cli["eval_every"],
                      save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]))
+    train_spec = TrainSpec.for_run(strategies, tc, init=spec.init, init_args=init_args, seed=cli["seed"],
+                                   data=str(cli["data"]))
     summary = finetune(model=cli["model"], data=cli["data"], spec=spec, config=tc, strategies=strategies,
                        n_train=cli["n_train"], n_eval=cli["n_eval"], max_length=cli["max_length"],
-                       threads=cli["threads"], adapter_seed=cli["seed"])
+                       threads=cli["threads"], adapter_seed=cli["seed"], train_spec=train_spec)
     _print_summary(summary)
 
 
-def _merge_yaml(ctx: typer.Context, path: Path, cli: dict[str, Any]) -> dict[str, Any]:
-    """Options from YAML, overridden by options given explicitly on the command line."""
+_TRAIN_LOCALS = ("ctx", "registry", "UnknownMethodError", "AdapterSpec", "TrainSpec", "validate_spec", "check_stack",
+                 "finetune", "TrainConfig")
+
+# CLI shortcut option -> the form field it fills (only where the form's Args has that field)
+_FORM_SHORTCUTS = {"rank": "r", "alpha": "alpha", "dropout": "dropout", "rslora": "rslora"}
+
+
+def parse_method_args(cls: Any, items: Any, *, owner: str) -> dict[str, Any]:
+    """``--*-arg k=v`` items (or a YAML mapping) typed by ``cls.Args``."""
+    from lorakit.core.spec import parse_kv
+
+    return parse_kv(cls.Args, items, owner=owner)
+
+
+def _form_args(form_cls: Any, cli: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The form's args: shortcuts where its Args has the field, then ``--form-arg`` (which wins)."""
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(form_cls.Args)]
+    given = parse_method_args(form_cls, cli["form_arg"], owner=f"form {form_cls.name!r}")
+    out: dict[str, Any] = {}
+    for option, field_name in _FORM_SHORTCUTS.items():
+        value = cli[option]
+        if value is None or value is False or field_name in given:  # unset, off, or said otherwise
+            continue
+        if field_name in fields:
+            out[field_name] = value
+        elif option in explicit:  # a default is silently skipped; an explicit choice must not be
+            raise ValueError(f"form {form_cls.name!r} has no argument {field_name!r} (set by --{option}); "
+                             f"its arguments: {fields}")
+    return {**out, **given}
+
+
+def _kv_pairs(items: Any, what: str) -> list[tuple[str, Any]]:
+    """``["k=v", ...]`` or a mapping (YAML) as (key, raw value) pairs; ``{NAME: {k: v}}`` -> ``NAME.k``."""
+    if isinstance(items, dict):
+        pairs: list[tuple[str, Any]] = []
+        for k, v in items.items():
+            if isinstance(v, dict):
+                pairs += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+            else:
+                pairs.append((str(k), v))
+        return pairs
+    pairs = []
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} expects key=value, got {item!r}")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _strategy_args(classes: dict[str, Any], items: Any) -> dict[str, dict[str, Any]]:
+    """Route ``--strategy-arg`` values: ``NAME.k=v`` to strategy NAME, a bare ``k=v`` to every listed
+    strategy whose Args has ``k``; each strategy's values are then typed by its Args."""
+    import dataclasses
+
+    fields = {n: [f.name for f in dataclasses.fields(c.Args)] for n, c in classes.items()}
+    per: dict[str, dict[str, Any]] = {n: {} for n in classes}
+    for key, value in _kv_pairs(items, "--strategy-arg"):
+        name, dot, arg = key.partition(".")
+        if dot:
+            if name not in per:
+                raise ValueError(f"--strategy-arg {key}: strategy {name!r} is not among --strategy {list(classes)}")
+            per[name][arg] = value
+            continue
+        takers = [n for n in classes if key in fields[n]]
+        if not takers:
+            if not classes:
+                raise ValueError(f"--strategy-arg {key}=...: no --strategy given")
+            raise ValueError(f"--strategy-arg {key}: no strategy in {list(classes)} has argument {key!r}; "
+                             f"their arguments: {fields}")
+        for n in takers:
+            per[n][key] = value
+    return {n: parse_method_args(classes[n], per[n], owner=f"strategy {n!r}") for n in classes}
+
+
+def _merge_yaml(ctx: typer.Context, path: Path, cli: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """Options from YAML, overridden by options given explicitly on the command line; also the names the
+    YAML file set (they count as the user's explicit choices)."""
     import yaml
 
     if not path.is_file():
@@ -152,7 +247,7 @@ def _merge_yaml(ctx: typer.Context, path: Path, cli: dict[str, Any]) -> dict[str
     for k, v in loaded.items():
         if k not in explicit:
             merged[k] = Path(v) if k == "out" else v
-    return merged
+    return merged, set(loaded) - explicit
 
 
 @app.command("eval")
@@ -271,7 +366,8 @@ def tasks() -> None:
 @app.command()
 def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lorakit or PEFT)")]) -> None:
     """Show an adapter's spec, modules, ranks, sizes and the base it was made for."""
-    from lorakit.core.state import AdapterFileError, load_state
+    from lorakit.core.state import AdapterFileError
+    from lorakit.io.peft import load_state
 
     try:
         state = load_state(adapter_dir)
@@ -293,6 +389,36 @@ def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lo
         typer.echo(f"  {path}: {shapes}")
     if len(by_module) > 8:
         typer.echo(f"  ... {len(by_module) - 8} more")
+    train_spec = _read_train_spec(adapter_dir)
+    if train_spec is not None:
+        t = train_spec.trainer
+        typer.echo(f"training: init={train_spec.init} {train_spec.init_args}  data={train_spec.data}  "
+                   f"seed={train_spec.seed}  lorakit {train_spec.lorakit_version}")
+        typer.echo("          " + "  ".join(f"{k}={t[k]}" for k in _TRAINER_SHOWN if k in t))
+        for name, args in train_spec.strategies or (("(none)", {}),):
+            typer.echo(f"strategy: {name}  args={args}")
+
+
+_TRAINER_SHOWN = ("steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "weight_decay",
+                  "max_grad_norm")
+
+
+def _read_train_spec(run_dir: Path) -> Any:
+    """The run's TrainSpec from ``train_spec.json`` (or ``summary.json``), None when the folder has neither."""
+    from lorakit.core.spec import TrainSpec
+
+    for name, key in (("train_spec.json", None), ("summary.json", "train_spec")):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            data = data.get(key) if key else data
+            if data:
+                return TrainSpec.from_dict(data)
+        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+            _fail(f"{path}: not a valid training spec ({e})")
+    return None
 
 
 @app.command()
@@ -304,8 +430,8 @@ def export(
 ) -> None:
     """Export an adapter whose form PEFT lacks to a plain PEFT LoRA (truncated SVD of ΔW)."""
     import lorakit
-    from lorakit.core.state import save_state
     from lorakit.io.export import export_lora
+    from lorakit.io.peft import save_state
     from lorakit.models import load_model
 
     base, _ = load_model(model)
@@ -329,7 +455,8 @@ def merge_adapters(
     """Merge several LoRA adapters into one (LoRA-LEGO, linear, cat, svd, TIES, DARE, ...)."""
     from lorakit.compose.merge import merge, summary
     from lorakit.core.registry import UnknownMethodError
-    from lorakit.core.state import AdapterFileError, save_state
+    from lorakit.core.state import AdapterFileError
+    from lorakit.io.peft import save_state
 
     args = _parse_kv(method_arg, "--method-arg")
     if k is not None:

@@ -115,8 +115,8 @@ def test_strategy_hooks_run_in_order():
             calls.append("loss")
             return loss
 
-        def on_after_backward(self, trainer, step):
-            assert any(p.grad is not None for p in trainer.params)
+        def on_after_backward(self, ctx, step):
+            assert any(p.grad is not None for g in ctx.param_groups for p in g["params"])
             calls.append("after_backward")
 
         def on_before_optimizer_step(self, trainer, step):

@@ -8,22 +8,28 @@ from typing import Any, ClassVar
 from torch import nn
 
 from lorakit.core.caps import Cap, describe
+from lorakit.core.spec import NoArgs, build_args
 from lorakit.forms.base import Form
 
 
 class Init:
     """Sets a form's tensors. ``needs`` says whether it reads data or gradients; ``requires`` lists
-    the form capabilities it relies on (checked once, before any work)."""
+    the form capabilities it relies on (checked once, before any work).
+
+    ``Args`` is the init's frozen dataclass of settings (defaults from the paper; values are checked in
+    its ``__post_init__``); ``Init(**kwargs)`` builds ``self.args`` from it, naming unknown keys.
+    Subclasses that keep per-run state override ``__init__`` and call ``super().__init__(**kwargs)``.
+    """
 
     name: ClassVar[str] = ""
+    Args: ClassVar[type] = NoArgs
     needs: ClassVar[Cap] = Cap.NONE  # NEEDS_DATA, NEEDS_GRAD, REWRITES_BASE
     requires: ClassVar[Cap] = Cap.NONE
     loss_fn: Any = None  # set by initialize(): loss_fn(model, batch) for gradient passes
     forms: dict[str, Form] | None = None  # set by initialize(): the adapter's forms by module path
 
-    def __init__(self, **args: Any) -> None:
-        if args:
-            raise ValueError(f"init {self.name!r} takes no arguments, got {sorted(args)}")
+    def __init__(self, **kwargs: Any) -> None:
+        self.args = build_args(type(self).Args, kwargs, owner=f"init {self.name!r}")
 
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:

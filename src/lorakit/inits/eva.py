@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import warnings
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from itertools import cycle
 from typing import Any
 
@@ -127,26 +128,37 @@ def redistribute_ranks(ratios: dict[str, torch.Tensor], budget: int, max_compone
     return ranks
 
 
+@dataclass(frozen=True)
+class EVAArgs:
+    rho: float = 2.0  # rank budget factor: each layer may get up to ρ·r components (paper/PEFT default 2)
+    tau: float = 0.99  # convergence: cosine similarity of the components between passes (PEFT default)
+    use_label_mask: bool = True  # skip token positions whose label is label_mask_value
+    label_mask_value: int = -100
+    whiten: bool = False  # divide row i of A by √σ_i
+    adjust_scaling_factors: bool = True  # α_i = α·r_i/r so the scale α/r is unchanged by redistribution
+    lowrank: bool = True  # randomized SVD in the incremental PCA
+    max_batches: int = 1000  # stop after this many batches even if not converged
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ValueError(f"init 'eva': rho must be >= 1, got {self.rho}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"init 'eva': tau must be in [0, 1], got {self.tau}")
+        if self.max_batches < 1:
+            raise ValueError(f"init 'eva': max_batches must be >= 1, got {self.max_batches}")
+
+
 class EVAInit(Init):
     """A = top principal directions of the layer inputs, ranks redistributed by explained variance."""
 
     name = "eva"
+    Args = EVAArgs
     needs = Cap.NEEDS_DATA
     requires = Cap.FACTORED_AB
 
-    def __init__(self, rho: float = 2.0, tau: float = 0.99, use_label_mask: bool = True,
-                 label_mask_value: int = -100, whiten: bool = False, adjust_scaling_factors: bool = True,
-                 lowrank: bool = True, max_batches: int = 1000, progress: bool = True) -> None:
-        if rho < 1.0:
-            raise ValueError(f"init 'eva': rho must be >= 1, got {rho}")
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"init 'eva': tau must be in [0, 1], got {tau}")
-        if max_batches < 1:
-            raise ValueError(f"init 'eva': max_batches must be >= 1, got {max_batches}")
-        self.rho, self.tau = rho, tau
-        self.use_label_mask, self.label_mask_value = use_label_mask, label_mask_value
-        self.whiten, self.adjust_scaling_factors = whiten, adjust_scaling_factors
-        self.lowrank, self.max_batches, self.progress = lowrank, max_batches, progress
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.ranks: dict[str, int] = {}
         self.batches_run = 0
 
@@ -165,8 +177,8 @@ class EVAInit(Init):
         if isinstance(batch, dict):
             if batch.get("attention_mask") is not None:
                 mask = batch["attention_mask"].bool()
-            if self.use_label_mask and batch.get("labels") is not None:
-                keep = batch["labels"] != self.label_mask_value
+            if self.args.use_label_mask and batch.get("labels") is not None:
+                keep = batch["labels"] != self.args.label_mask_value
                 mask = keep if mask is None else mask & keep
         if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
             return x[mask.to(x.device)]
@@ -191,12 +203,12 @@ class EVAInit(Init):
         same_input = {p: g[0] for g in groups.values() for p in g[1:]}
         ranks0 = {p: forms[p].lora_A.shape[0] for p in layers}
         budget = sum(ranks0.values())
-        max_components = {p: min(round(ranks0[p] * self.rho), forms[p].in_features) for p in layers}
+        max_components = {p: min(round(ranks0[p] * self.args.rho), forms[p].in_features) for p in layers}
         for g in groups.values():
             top = max(max_components[p] for p in g)
             for p in g:
                 max_components[p] = top
-        pcas = {p: IncrementalPCA(max_components[p], lowrank=self.lowrank) for p in layers if p not in same_input}
+        pcas = {p: IncrementalPCA(max_components[p], lowrank=self.args.lowrank) for p in layers if p not in same_input}
         converged = {p: torch.zeros(max_components[p], dtype=torch.bool) for p in pcas}
         done = dict.fromkeys(pcas, False)  # a layer is fed while not done
         ranks = dict(max_components)
@@ -212,7 +224,8 @@ class EVAInit(Init):
             previous = pca.components
             pca.partial_fit(rows)
             if previous is not None:
-                converged[path] = F.cosine_similarity(pca.components, previous.to(pca.components.dtype)) >= self.tau
+                sim = F.cosine_similarity(pca.components, previous.to(pca.components.dtype))
+                converged[path] = sim >= self.args.tau
 
         def stop() -> bool:
             nonlocal ranks
@@ -224,7 +237,7 @@ class EVAInit(Init):
             return all(done.values())
 
         self.batches_run = layer_inputs(model, {p: layers[p] for p in pcas}, cycle(items), consume,
-                                        max_batches=self.max_batches, progress=self.progress,
+                                        max_batches=self.args.max_batches, progress=self.args.progress,
                                         desc="eva: incremental PCA", stop=stop)
         missing = [p for p, pca in pcas.items() if pca.components is None]
         if missing:
@@ -232,7 +245,7 @@ class EVAInit(Init):
                              f"(needs >= {max(max_components[p] for p in missing)} kept tokens per batch)")
         unconverged = [p for p in pcas if not done[p]]
         if unconverged:
-            warnings.warn(f"init 'eva': {len(unconverged)} layer(s) had not converged (tau={self.tau}) after "
+            warnings.warn(f"init 'eva': {len(unconverged)} layer(s) had not converged (tau={self.args.tau}) after "
                           f"{self.batches_run} batches, e.g. {unconverged[:3]}; their current components are used",
                           stacklevel=2)
         self.ranks = ranks
@@ -241,7 +254,7 @@ class EVAInit(Init):
             pca = pcas[same_input.get(path, path)]
             k = ranks[path]
             a = pca.components[:k].float()
-            if self.whiten:
+            if self.args.whiten:
                 a = a / pca.singular_values[:k].float().sqrt()[:, None]
             out[path] = a
         return out
@@ -255,7 +268,7 @@ class EVAInit(Init):
                 overrides[path] = None
             elif k != r:
                 overrides[path] = {"r": k}
-                if self.adjust_scaling_factors:
+                if self.args.adjust_scaling_factors:
                     overrides[path]["alpha"] = form.args.alpha * k / r
         return overrides
 

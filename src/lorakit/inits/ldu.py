@@ -30,6 +30,7 @@ unfrozen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,15 +54,18 @@ def ldu_factors(weight: torch.Tensor, r: int, scale: float = 1.0) -> tuple[torch
     return a0, b0
 
 
+@dataclass(frozen=True)
+class LDUArgs:
+    fold_scale: bool = True  # divide the factors by s so that s·B·A is the truncated LDU (output unchanged)
+
+
 class LDUInit(Init):
     """Truncated LDU of W in a LoRA's factors, residual base; see the module docstring."""
 
     name = "ldu"
+    Args = LDUArgs
     needs = Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB
-
-    def __init__(self, fold_scale: bool = True) -> None:
-        self.fold_scale = bool(fold_scale)
 
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:
@@ -73,7 +77,7 @@ class LDUInit(Init):
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         r = form.lora_A.shape[0]
-        scale = float(form.scaling) if self.fold_scale else 1.0
+        scale = float(form.scaling) if self.args.fold_scale else 1.0
         a0, b0 = ldu_factors(weight_out_in(base_layer), r, scale)
         with torch.no_grad():
             form.lora_A.copy_(a0)

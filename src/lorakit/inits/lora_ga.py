@@ -48,6 +48,7 @@ and the non-default directions/scales (ArBr, A2rBr, random; gd, unit, weightS).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,27 +97,35 @@ def lora_ga_factors(grad: torch.Tensor, r: int, *, variant: str = "official", ga
     return a0.clone(), c * (b0 * s[r:2 * r])
 
 
+@dataclass(frozen=True)
+class LoRAGAArgs:
+    variant: str = "official"  # "official" code or "peft": how the factors are scaled (module docstring)
+    gamma: float = 16.0  # the stable-scale γ (module docstring)
+    svd: str = "lowrank"  # exact | lowrank SVD of the gradient
+    niter: int = 4  # subspace iterations of the low-rank SVD
+    seed: int = 0
+    max_batches: int | None = None  # None: every calibration batch
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"init 'lora_ga': variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.svd not in SVDS:
+            raise ValueError(f"init 'lora_ga': svd must be one of {SVDS}, got {self.svd!r}")
+        if self.gamma <= 0:
+            raise ValueError(f"init 'lora_ga': gamma must be > 0, got {self.gamma}")
+        if self.niter < 0:
+            raise ValueError(f"init 'lora_ga': niter must be >= 0, got {self.niter}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"init 'lora_ga': max_batches must be >= 1, got {self.max_batches}")
+
+
 class LoRAGAInit(Init):
     """LoRA-GA init of a factored form (ΔW = s·B·A); see the module docstring."""
 
     name = "lora_ga"
+    Args = LoRAGAArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD | Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB
-
-    def __init__(self, variant: str = "official", gamma: float = 16.0, svd: str = "lowrank", niter: int = 4,
-                 seed: int = 0, max_batches: int | None = None) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"init 'lora_ga': variant must be one of {VARIANTS}, got {variant!r}")
-        if svd not in SVDS:
-            raise ValueError(f"init 'lora_ga': svd must be one of {SVDS}, got {svd!r}")
-        if gamma <= 0:
-            raise ValueError(f"init 'lora_ga': gamma must be > 0, got {gamma}")
-        if niter < 0:
-            raise ValueError(f"init 'lora_ga': niter must be >= 0, got {niter}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"init 'lora_ga': max_batches must be >= 1, got {max_batches}")
-        self.variant, self.gamma, self.svd, self.niter = variant, float(gamma), svd, niter
-        self.seed, self.max_batches = seed, max_batches
 
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:
@@ -128,16 +137,16 @@ class LoRAGAInit(Init):
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         return weight_gradients(model, layers, batches, reduce="mean", loss_fn=self.loss_fn,
-                                max_batches=self.max_batches, desc="lora_ga gradients")
+                                max_batches=self.args.max_batches, desc="lora_ga gradients")
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         if stats is None:
             raise ValueError("init 'lora_ga': no gradient for a layer (collect() not run?)")
         r = form.lora_A.shape[0]
         # PEFT's stable factor reads weight.shape[0] of the stored weight (in features for a Conv1D)
-        m = base_layer.weight.shape[0] if self.variant == "peft" and is_conv1d(base_layer) else None
-        a0, b0 = lora_ga_factors(stats, r, variant=self.variant, gamma=self.gamma, svd=self.svd,
-                                 niter=self.niter, seed=self.seed, m=m)
+        m = base_layer.weight.shape[0] if self.args.variant == "peft" and is_conv1d(base_layer) else None
+        a0, b0 = lora_ga_factors(stats, r, variant=self.args.variant, gamma=self.args.gamma, svd=self.args.svd,
+                                 niter=self.args.niter, seed=self.args.seed, m=m)
         with torch.no_grad():
             form.lora_A.copy_(a0)
             form.lora_B.copy_(b0)

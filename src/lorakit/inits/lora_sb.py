@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,28 +77,41 @@ def truncated_svd(delta: torch.Tensor, r: int, svd: str = "exact", niter: int = 
     return v_t, s, u_t.T
 
 
+@dataclass(frozen=True)
+class LoRASBArgs:
+    lr: float = 1e-4  # η of the simulated full fine-tuning step(s): ΔW ≈ −(lr / warmup_steps)·update(G)
+    warmup_steps: int = 1
+    update: str = "sign"  # "sign" (official code: Adam's first step) or "grad" (module docstring)
+    residual: bool = False  # also rewrite the base W ← W − s·B·R·A (output unchanged at init)
+    svd: str = "exact"  # exact | lowrank
+    niter: int = 10  # subspace iterations of the low-rank SVD
+    seed: int = 42
+    max_batches: int | None = None  # None: every calibration batch
+
+    def __post_init__(self) -> None:
+        if self.update not in UPDATES:
+            raise ValueError(f"init 'lora_sb': update must be one of {UPDATES}, got {self.update!r}")
+        if self.svd not in SVDS:
+            raise ValueError(f"init 'lora_sb': svd must be one of {SVDS}, got {self.svd!r}")
+        if self.lr <= 0 or self.warmup_steps < 1:
+            raise ValueError(f"init 'lora_sb': needs lr > 0 and warmup_steps >= 1, got lr={self.lr}, "
+                             f"warmup_steps={self.warmup_steps}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"init 'lora_sb': max_batches must be >= 1, got {self.max_batches}")
+
+
 class LoRASBInit(Init):
     """LoRA-SB init of a three-factor form (ΔW = s·B·R·A); see the module docstring."""
 
     name = "lora_sb"
+    Args = LoRASBArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD
     requires = Cap.FACTORED_BMA
 
-    def __init__(self, lr: float = 1e-4, warmup_steps: int = 1, update: str = "sign", residual: bool = False,
-                 svd: str = "exact", niter: int = 10, seed: int = 42, max_batches: int | None = None) -> None:
-        if update not in UPDATES:
-            raise ValueError(f"init 'lora_sb': update must be one of {UPDATES}, got {update!r}")
-        if svd not in SVDS:
-            raise ValueError(f"init 'lora_sb': svd must be one of {SVDS}, got {svd!r}")
-        if lr <= 0 or warmup_steps < 1:
-            raise ValueError(f"init 'lora_sb': needs lr > 0 and warmup_steps >= 1, got lr={lr}, "
-                             f"warmup_steps={warmup_steps}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"init 'lora_sb': max_batches must be >= 1, got {max_batches}")
-        self.eta = lr / warmup_steps
-        self.update, self.residual, self.svd, self.niter, self.seed = update, residual, svd, niter, seed
-        self.max_batches = max_batches
-        if residual:  # only this variant rewrites the base (the driver reads `needs` on the instance)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.eta = self.args.lr / self.args.warmup_steps
+        if self.args.residual:  # only this variant rewrites the base (the driver reads `needs` on the instance)
             self.needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD | Cap.REWRITES_BASE
 
     @classmethod
@@ -109,9 +123,9 @@ class LoRASBInit(Init):
         super().check_form(form_cls)
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
-        reduce = "sum" if self.update == "sign" else "mean"
+        reduce = "sum" if self.args.update == "sign" else "mean"
         return weight_gradients(model, layers, batches, reduce=reduce, loss_fn=self.loss_fn,
-                                max_batches=self.max_batches, desc="lora_sb gradients")
+                                max_batches=self.args.max_batches, desc="lora_sb gradients")
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         if stats is None:
@@ -121,10 +135,10 @@ class LoRASBInit(Init):
                           "assume only the middle matrix trains (form 'lora_xs')", stacklevel=2)
         middle = getattr(form, form.middle_name)
         r = middle.shape[0]
-        delta = update_approximation(stats, self.eta, self.update)
+        delta = update_approximation(stats, self.eta, self.args.update)
         if r > min(delta.shape):
             raise ValueError(f"init 'lora_sb': rank r={r} exceeds min(out, in) = {min(delta.shape)}")
-        u, s, vh = truncated_svd(delta, r, self.svd, self.niter, self.seed)
+        u, s, vh = truncated_svd(delta, r, self.args.svd, self.args.niter, self.args.seed)
         scale = float(getattr(form, "scaling", 1.0))
         with torch.no_grad():
             form.lora_B.copy_(u)

@@ -21,6 +21,7 @@ data). The base weight is read in (out, in) layout, so Conv1D layers work too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,18 +59,21 @@ def set_nystrom(form: Form, mode: str = "weight") -> None:
         form.lora_B.copy_(b)
 
 
+@dataclass(frozen=True)
+class NystromArgs:
+    mode: str = "weight"  # middle N = W[:r,:r] ("weight") or its pseudo-inverse ("pinv")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"init 'nystrom': mode must be one of {MODES}, got {self.mode!r}")
+
+
 class NystromInit(Init):
     """NLoRA's Nyström init for any form with a middle matrix (FACTORED_BMA); see the module doc."""
 
     name = "nystrom"
+    Args = NystromArgs
     requires = Cap.FACTORED_BMA
-
-    def __init__(self, mode: str = "weight", **args: Any) -> None:
-        if args:
-            raise ValueError(f"init 'nystrom' takes only 'mode' ({'/'.join(MODES)}), got {sorted(args)}")
-        if mode not in MODES:
-            raise ValueError(f"init 'nystrom': mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
 
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:
@@ -80,4 +84,4 @@ class NystromInit(Init):
         super().check_form(form_cls)
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
-        set_nystrom(form, self.mode)
+        set_nystrom(form, self.args.mode)

@@ -15,6 +15,7 @@ The base rewrite is declared (``Cap.REWRITES_BASE``): lorakit records the initia
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,21 +26,26 @@ from lorakit.forms.base import Form, weight_out_in
 from lorakit.inits.base import Init
 
 
+@dataclass(frozen=True)
+class PiSSAArgs:
+    niter: int = 0  # 0: exact SVD; > 0: randomized SVD with this many subspace iterations
+
+    def __post_init__(self) -> None:
+        if self.niter < 0:
+            raise ValueError(f"init 'pissa': niter must be >= 0, got {self.niter}")
+
+
 class PiSSAInit(Init):
     name = "pissa"
+    Args = PiSSAArgs
     needs = Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB
-
-    def __init__(self, niter: int = 0) -> None:
-        if niter < 0:
-            raise ValueError(f"init 'pissa': niter must be >= 0, got {niter}")
-        self.niter = niter
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         w = weight_out_in(base_layer).detach().float()
         r = form.lora_A.shape[0]
-        if self.niter:
-            u, s, v = torch.svd_lowrank(w, q=r, niter=self.niter)
+        if self.args.niter:
+            u, s, v = torch.svd_lowrank(w, q=r, niter=self.args.niter)
             vh = v.T
         else:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)

@@ -27,11 +27,12 @@ token ids. Usage::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
-from lorakit.core.caps import Cap
+from lorakit.core.caps import Cap, describe
 from lorakit.forms.base import Form, weight_out_in
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import weight_gradients
@@ -39,29 +40,36 @@ from lorakit.inits.calibration import weight_gradients
 ACCUMULATE = ("sum", "abs")
 
 
+@dataclass(frozen=True)
+class GradientMaskArgs:
+    accumulate: str = "sum"  # G = Σ_b ∂L_b/∂W ("sum") or Σ_b |∂L_b/∂W| ("abs")
+    max_batches: int | None = None  # None: every calibration batch
+
+    def __post_init__(self) -> None:
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"shira mask init: accumulate must be one of {list(ACCUMULATE)}, "
+                             f"got {self.accumulate!r}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"shira mask init: max_batches must be >= 1, got {self.max_batches}")
+
+
 class _GradientMask(Init):
     """Top-k of a per-entry score computed from W and the accumulated gradient G of the base weight."""
 
+    Args = GradientMaskArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD
+    requires = Cap.SPARSE_MASK
     weighted: ClassVar[bool] = False  # score |W ⊙ G| (SNIP) instead of |G|
-
-    def __init__(self, accumulate: str = "sum", max_batches: int | None = None) -> None:
-        if accumulate not in ACCUMULATE:
-            raise ValueError(f"init {self.name!r}: accumulate must be one of {list(ACCUMULATE)}, "
-                             f"got {accumulate!r}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"init {self.name!r}: max_batches must be >= 1, got {max_batches}")
-        self.accumulate = accumulate
-        self.max_batches = max_batches
 
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:
-        if not callable(getattr(form_cls, "select_top", None)):
-            raise ValueError(f"init {cls.name!r} sets a sparse mask from scores; form {form_cls.name!r} "
-                             "has no select_top(scores) (use form 'shira')")
+        if cls.requires & ~form_cls.caps or not callable(getattr(form_cls, "select_top", None)):
+            raise ValueError(f"init {cls.name!r} sets a sparse mask from scores: it needs form capability "
+                             f"[{describe(cls.requires)}] (select_top(scores)), which form {form_cls.name!r} "
+                             f"lacks (it has [{describe(form_cls.caps)}]); use form 'shira'")
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
-        grads = weight_gradients(model, layers, batches, reduce=self.accumulate, max_batches=self.max_batches,
+        grads = weight_gradients(model, layers, batches, reduce=self.args.accumulate, max_batches=self.args.max_batches,
                                  desc=f"{self.name} gradients")
         scores = {}
         for path, layer in layers.items():

@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ from torch import nn
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lorakit.train.context import TrainingContext
 
 GRANULARITIES = ("row", "rank", "tensor")
 
@@ -71,18 +75,30 @@ def _unit_alpha(values: dict[str, Any], args_cls: type) -> float:
     return math.sqrt(r) if values.get("rslora", defaults.get("rslora", False)) else float(r)
 
 
+@dataclass(frozen=True)
+class ALLoRAArgs:
+    eta: float = 4.0  # c(0) = η bounds the coefficient 1/sqrt(‖θ_i‖² + η⁻²) [our choice; see above]
+    granularity: str = "row"  # row | rank | tensor: the groups i that share one coefficient
+    on_conflict: str = "override"  # override (rewrite dropout/scale, ΔW unchanged) | error
+
+    def __post_init__(self) -> None:
+        if float(self.eta) <= 0:
+            raise ValueError(f"allora: eta must be > 0, got {self.eta}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"allora: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.on_conflict not in ("override", "error"):
+            raise ValueError(f"allora: on_conflict must be 'override' or 'error', got {self.on_conflict!r}")
+
+
 class ALLoRA(Strategy):
     name = "allora"
+    Args = ALLoRAArgs
     requires = Cap.FACTORED_AB
 
-    def __init__(self, eta: float = 4.0, granularity: str = "row", on_conflict: str = "override") -> None:
-        if float(eta) <= 0:
-            raise ValueError(f"allora: eta must be > 0, got {eta}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"allora: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if on_conflict not in ("override", "error"):
-            raise ValueError(f"allora: on_conflict must be 'override' or 'error', got {on_conflict!r}")
-        self.eta, self.granularity, self.on_conflict = float(eta), granularity, on_conflict
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.eta, self.granularity, self.on_conflict = float(a.eta), a.granularity, a.on_conflict
         self._tracked: dict[int, tuple[nn.Parameter, bool]] = {}  # id -> (param, is_B)
         self._before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_coef_B: float | None = None
@@ -185,7 +201,7 @@ class ALLoRA(Strategy):
         self.last_coef_B = sum(coefs) / len(coefs) if coefs else None
         self._before = {}
 
-    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         if self.last_coef_B is not None:
             logs["allora_coef_B"] = self.last_coef_B
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.spec import NoArgs, build_args
 
 if TYPE_CHECKING:
-    from lorakit.train.trainer import Trainer
+    from lorakit.train.context import TrainingContext
 
 
 class Strategy:
@@ -19,13 +20,24 @@ class Strategy:
     Order per optimizer step: ``on_step_start`` → (forward, ``on_loss``, backward) × accumulation →
     ``on_after_backward`` → gradient clipping → ``on_before_optimizer_step`` → optimizer and
     scheduler step → ``on_step_end``. ``param_groups`` and ``wrap_optimizer`` run once at set-up.
+    Hooks receive a ``TrainingContext`` (``lorakit.train.context``): the model, optimizer and param groups,
+    step and total steps, config, run dir, and the only changes a strategy makes to the run
+    (``add_param_group`` with its lr multiplier, ``drop_optimizer_state``, ``log``), never the Trainer.
     ``requires`` lists form capabilities the strategy relies on; ``exclusive_with`` names
     strategies it cannot be stacked with (checked before training starts).
+
+    ``Args`` is the strategy's frozen dataclass of settings (defaults from the paper; values are checked
+    in its ``__post_init__``); ``Strategy(**kwargs)`` builds ``self.args`` from it, naming unknown keys.
+    Subclasses with per-run state override ``__init__`` and call ``super().__init__(**kwargs)`` first.
     """
 
     name: ClassVar[str] = ""
+    Args: ClassVar[type] = NoArgs
     requires: ClassVar[Cap] = Cap.NONE
     exclusive_with: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.args = build_args(type(self).Args, kwargs, owner=f"strategy {self.name!r}")
 
     def param_groups(self, model: nn.Module, params: list[nn.Parameter]) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups, or None to keep the default single group."""
@@ -34,18 +46,18 @@ class Strategy:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_train_start(self, ctx: TrainingContext) -> None: ...
 
-    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+    def on_step_start(self, ctx: TrainingContext, step: int) -> None: ...
 
-    def on_loss(self, trainer: Trainer, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+    def on_loss(self, ctx: TrainingContext, loss: torch.Tensor, batch: Any) -> torch.Tensor:
         return loss
 
-    def on_after_backward(self, trainer: Trainer, step: int) -> None: ...
+    def on_after_backward(self, ctx: TrainingContext, step: int) -> None: ...
 
-    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None: ...
+    def on_before_optimizer_step(self, ctx: TrainingContext, step: int) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None: ...
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         """State needed for exact resume (saved with each checkpoint)."""
@@ -53,7 +65,7 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def restore_structure(self, trainer: Trainer, state: dict[str, Any]) -> None:
+    def restore_structure(self, ctx: TrainingContext, state: dict[str, Any]) -> None:
         """On resume, before the checkpoint's tensors, optimizer and scheduler state are loaded: rebuild
         what the strategy changed during training (new parameters, optimizer groups, scheduler lambdas)
         from its saved ``state`` (what ``state_dict`` returned), so that those loads find the saved shapes

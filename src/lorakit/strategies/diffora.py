@@ -31,6 +31,7 @@ Resume across the discretisation step is not supported (the removed adapters are
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,31 +42,51 @@ from lorakit.core.inject import adapter_modules, specs
 from lorakit.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from lorakit.train.trainer import Trainer
+    from lorakit.train.context import TrainingContext
 
 RELAXATIONS = ("sigmoid", "softmax")
 SCHEDULES = ("alternate", "joint")
 
 
+@dataclass(frozen=True)
+class DiffoRAArgs:
+    search_steps: int | None = None  # None: search_ratio of the training steps
+    search_ratio: float = 0.2
+    select: int | None = None  # modules kept (top-k by γ); None: select_ratio of the candidates
+    select_ratio: float = 0.5
+    relaxation: str = "sigmoid"  # sigmoid | softmax
+    schedule: str = "alternate"  # alternate | joint
+    arch_lr: float = 3e-4  # the architecture optimizer: Adam(arch_lr, (arch_beta1, 0.999), arch_weight_decay)
+    arch_weight_decay: float = 1e-3
+    arch_beta1: float = 0.5
+    init_logit: float = 0.0  # α_i at the start of the search
+    fold: bool = True  # fold γ_i into lora_B of the selected modules at discretisation
+    reinit: bool = False  # restart the selected adapters from their init instead
+    adapter: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.relaxation not in RELAXATIONS:
+            raise ValueError(f"diffora: relaxation must be one of {RELAXATIONS}, got {self.relaxation!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"diffora: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.select_ratio <= 1.0 or not 0.0 < self.search_ratio <= 1.0:
+            raise ValueError("diffora: select_ratio and search_ratio must be in (0, 1]")
+
+
 class DiffoRA(Strategy):
     name = "diffora"
+    Args = DiffoRAArgs
     exclusive_with = frozenset({"lisa"})
 
-    def __init__(self, search_steps: int | None = None, search_ratio: float = 0.2, select: int | None = None,
-                 select_ratio: float = 0.5, relaxation: str = "sigmoid", schedule: str = "alternate",
-                 arch_lr: float = 3e-4, arch_weight_decay: float = 1e-3, arch_beta1: float = 0.5,
-                 init_logit: float = 0.0, fold: bool = True, reinit: bool = False, adapter: str = "default") -> None:
-        if relaxation not in RELAXATIONS:
-            raise ValueError(f"diffora: relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"diffora: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not 0.0 < select_ratio <= 1.0 or not 0.0 < search_ratio <= 1.0:
-            raise ValueError("diffora: select_ratio and search_ratio must be in (0, 1]")
-        self.search_steps, self.search_ratio = search_steps, float(search_ratio)
-        self.select, self.select_ratio = select, float(select_ratio)
-        self.relaxation, self.schedule = relaxation, schedule
-        self.arch_lr, self.arch_wd, self.arch_beta1 = float(arch_lr), float(arch_weight_decay), float(arch_beta1)
-        self.init_logit, self.fold, self.reinit, self.adapter = float(init_logit), bool(fold), bool(reinit), adapter
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.search_steps, self.search_ratio = a.search_steps, float(a.search_ratio)
+        self.select, self.select_ratio = a.select, float(a.select_ratio)
+        self.relaxation, self.schedule = a.relaxation, a.schedule
+        self.arch_lr, self.arch_wd, self.arch_beta1 = float(a.arch_lr), float(a.arch_weight_decay), float(a.arch_beta1)
+        self.init_logit, self.fold, self.reinit = float(a.init_logit), bool(a.fold), bool(a.reinit)
+        self.adapter = a.adapter
         self.logits: dict[str, nn.Parameter] = {}
         self.groups: dict[str, list[str]] = {}
         self.forms: dict[str, Any] = {}
@@ -140,12 +161,12 @@ class DiffoRA(Strategy):
         return selected
 
     # -- trainer hooks -----------------------------------------------------------------------
-    def on_train_start(self, trainer: Trainer) -> None:
-        steps = trainer.config.steps
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        steps = ctx.total_steps
         self._stop = self.search_steps if self.search_steps is not None else max(1, math.ceil(self.search_ratio
                                                                                              * steps))
-        if self.selected is None and trainer.step < self._stop:
-            self.install(trainer.model)
+        if self.selected is None and ctx.step < self._stop:
+            self.install(ctx.model)
 
     def _arch_step(self, step: int) -> bool:
         return self.schedule == "joint" or step % 2 == 1
@@ -153,7 +174,7 @@ class DiffoRA(Strategy):
     def _weight_step(self, step: int) -> bool:
         return self.schedule == "joint" or step % 2 == 0
 
-    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+    def on_before_optimizer_step(self, ctx: TrainingContext, step: int) -> None:
         if self.arch_opt is None:
             return
         if self._arch_step(step):
@@ -164,13 +185,13 @@ class DiffoRA(Strategy):
                 for p in form.parameters():
                     p.grad = None
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         if self.arch_opt is None:
             return
         gates = self.gate_values()
         logs["diffora_gate_mean"] = sum(gates.values()) / len(gates)
         if step >= self._stop:
-            logs["diffora_selected"] = len(self.discretize(trainer.model))
+            logs["diffora_selected"] = len(self.discretize(ctx.model))
 
     def state_dict(self) -> dict[str, Any]:
         return {"logits": {p: v.detach().cpu() for p, v in self.logits.items()}, "selected": self.selected,

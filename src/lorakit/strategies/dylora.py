@@ -14,6 +14,7 @@ The sampled rank is logged as ``dylora_rank``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +25,7 @@ from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from lorakit.train.trainer import Trainer
+    from lorakit.train.context import TrainingContext
 
 
 def rank_mutable_forms(model: nn.Module) -> list[Form]:
@@ -35,15 +36,28 @@ def rank_mutable_forms(model: nn.Module) -> list[Form]:
             and hasattr(m, "rank") and hasattr(m, "r_max")]
 
 
+@dataclass(frozen=True)
+class DyLoRAArgs:
+    seed: int = 0
+    r_min: int = 1  # b ~ U{r_min..r_max}
+    r_max: int | None = None  # None: the largest r_max of the model's rank-mutable forms
+    frozen: bool | None = None  # only the b-th component trains; None: each form's own setting
+
+    def __post_init__(self) -> None:
+        if self.r_min < 1 or (self.r_max is not None and self.r_max < self.r_min):
+            raise ValueError(f"dylora strategy: need 1 <= r_min <= r_max, got r_min={self.r_min}, "
+                             f"r_max={self.r_max}")
+
+
 class DyLoRARankSampling(Strategy):
     name = "dylora"
+    Args = DyLoRAArgs
     requires = Cap.RANK_MUTABLE
 
-    def __init__(self, seed: int = 0, r_min: int = 1, r_max: int | None = None,
-                 frozen: bool | None = None) -> None:
-        if r_min < 1 or (r_max is not None and r_max < r_min):
-            raise ValueError(f"dylora strategy: need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
-        self.seed, self.r_min, self.r_max, self.frozen = int(seed), int(r_min), r_max, frozen
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.seed, self.r_min, self.r_max, self.frozen = int(a.seed), int(a.r_min), a.r_max, a.frozen
         self.generator = torch.Generator().manual_seed(self.seed)
         self.draws = 0
         self.last_rank: int | None = None
@@ -82,13 +96,13 @@ class DyLoRARankSampling(Strategy):
         self._saved = []
 
     # -- trainer hooks -----------------------------------------------------------------------
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._forms(trainer.model)  # fail before the first step, with a clear message
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        self._forms(ctx.model)  # fail before the first step, with a clear message
 
-    def on_step_start(self, trainer: Trainer, step: int) -> None:
-        self.set_step_rank(trainer.model)
+    def on_step_start(self, ctx: TrainingContext, step: int) -> None:
+        self.set_step_rank(ctx.model)
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         self.restore()
         logs["dylora_rank"] = self.last_rank
 

@@ -40,14 +40,18 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lorakit.train.context import TrainingContext
 
 
 def growable_forms(model: nn.Module) -> dict[tuple[str, str], Any]:
@@ -78,22 +82,39 @@ class RestartWarmup:
         return max(0.0, (self.total - step) / max(1, self.total - self.start - self.warmup))
 
 
+@dataclass(frozen=True)
+class IncreLoRAArgs:
+    target_rank: float = 2  # average final rank per module (the budget, unless target_total_rank)
+    target_total_rank: int | None = None  # total rank budget over all modules
+    top_h: int = 2  # modules grown per allocation
+    init_warmup: int = 100  # steps before the first allocation
+    interval: int = 100  # steps between allocations
+    beta1: float = 0.85  # EMA of the importance score
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg: float = 0.1  # weight of the orthogonality regularizer
+    group_warmup: int | None = None  # LR warmup of the optimizer group of new ranks
+    plot: bool = True  # write increlora_ranks.png
+
+    def __post_init__(self) -> None:
+        if int(self.top_h) < 1 or int(self.interval) < 1 or int(self.init_warmup) < 0:
+            raise ValueError("increlora: need top_h >= 1, interval >= 1, init_warmup >= 0")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ValueError(f"increlora: betas must be in (0, 1), got {self.beta1}, {self.beta2}")
+
+
 class IncreLoRARankGrowth(Strategy):
     name = "increlora"
+    Args = IncreLoRAArgs
     requires = Cap.RANK_MUTABLE
     exclusive_with = frozenset({"dylora"})
 
-    def __init__(self, target_rank: int = 2, target_total_rank: int | None = None, top_h: int = 2,
-                 init_warmup: int = 100, interval: int = 100, beta1: float = 0.85, beta2: float = 0.85,
-                 orth_reg: float = 0.1, group_warmup: int | None = None, plot: bool = True) -> None:
-        if int(top_h) < 1 or int(interval) < 1 or int(init_warmup) < 0:
-            raise ValueError("increlora: need top_h >= 1, interval >= 1, init_warmup >= 0")
-        if not (0 < beta1 < 1 and 0 < beta2 < 1):
-            raise ValueError(f"increlora: betas must be in (0, 1), got {beta1}, {beta2}")
-        self.target_rank, self.target_total_rank = float(target_rank), target_total_rank
-        self.top_h, self.init_warmup, self.interval = int(top_h), int(init_warmup), int(interval)
-        self.beta1, self.beta2, self.orth_reg = float(beta1), float(beta2), float(orth_reg)
-        self.group_warmup, self.plot = group_warmup, bool(plot)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.target_rank, self.target_total_rank = float(a.target_rank), a.target_total_rank
+        self.top_h, self.init_warmup, self.interval = int(a.top_h), int(a.init_warmup), int(a.interval)
+        self.beta1, self.beta2, self.orth_reg = float(a.beta1), float(a.beta2), float(a.orth_reg)
+        self.group_warmup, self.plot = a.group_warmup, bool(a.plot)
         self.forms: dict[tuple[str, str], Any] = {}
         self.ipt: dict[str, float] = {}
         self.unc: dict[str, float] = {}
@@ -122,8 +143,8 @@ class IncreLoRARankGrowth(Strategy):
             f.track_importance = on
 
     # -- hooks -------------------------------------------------------------------------------
-    def on_train_start(self, trainer: Any) -> None:
-        self.forms = growable_forms(trainer.model)
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        self.forms = growable_forms(ctx.model)
         if not self.forms:
             raise ValueError("strategy 'increlora' needs an adapter of form 'increlora' (a growable "
                              "RANK_MUTABLE form); the model has none")
@@ -136,9 +157,9 @@ class IncreLoRARankGrowth(Strategy):
         self.done = self.total_rank() >= self.budget
         self._track(not self.done)
         if not self.history:
-            self.history.append({"step": trainer.step, "ranks": self.ranks(), "grown": []})
+            self.history.append({"step": ctx.step, "ranks": self.ranks(), "grown": []})
 
-    def on_step_start(self, trainer: Any, step: int) -> None:
+    def on_step_start(self, ctx: TrainingContext, step: int) -> None:
         for f in self.forms.values():
             f.importance = 0.0
 
@@ -153,10 +174,10 @@ class IncreLoRARankGrowth(Strategy):
                                                                       dtype=cov.dtype)))
         return torch.stack(terms).mean() if terms else torch.zeros(())
 
-    def on_loss(self, trainer: Any, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+    def on_loss(self, ctx: TrainingContext, loss: torch.Tensor, batch: Any) -> torch.Tensor:
         return loss + self.orth_reg * self.orth_penalty() if self.orth_reg else loss
 
-    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         if not self.done:
             for (path, name), f in self.forms.items():
                 k = self._key(path, name)
@@ -164,14 +185,14 @@ class IncreLoRARankGrowth(Strategy):
                 self.ipt[k] = self.beta1 * self.ipt.get(k, 0.0) + (1 - self.beta1) * s
                 self.unc[k] = self.beta2 * self.unc.get(k, 0.0) + (1 - self.beta2) * abs(s - self.ipt[k])
             if step > self.init_warmup and step % self.interval == 0:
-                self.grow(trainer, step)
+                self.grow(ctx, step)
         logs["increlora_total_rank"] = self.total_rank()
-        if step == trainer.config.steps:
+        if step == ctx.total_steps:
             self._track(False)  # serve with the factored path
-            if trainer.out_dir is not None and trainer.is_main:
-                self.write_trajectory(trainer.out_dir)
+            if ctx.out_dir is not None and ctx.is_main:
+                self.write_trajectory(ctx.out_dir)
 
-    def grow(self, trainer: Any, step: int) -> list[str]:
+    def grow(self, ctx: TrainingContext, step: int) -> list[str]:
         """One allocation round: grow the top-k modules by add_r and give the new tensors a new group."""
         scores = self.scores()
         self.last_scores = dict(scores)
@@ -183,14 +204,14 @@ class IncreLoRARankGrowth(Strategy):
             if self._key(path, name) in chosen and total + f.args.add_r <= self.budget:
                 grown.append(self._key(path, name))
                 total += f.args.add_r
-        warmup = trainer.config.warmup if self.group_warmup is None else int(self.group_warmup)
-        self._grow_modules(trainer, step, grown, warmup)
+        warmup = ctx.config.warmup if self.group_warmup is None else int(self.group_warmup)
+        self._grow_modules(ctx, step, grown, warmup)
         if self.total_rank() >= self.budget:
             self._finish()
         self.history.append({"step": step, "ranks": self.ranks(), "grown": chosen})
         return chosen
 
-    def _grow_modules(self, trainer: Any, step: int, keys: list[str], warmup: int) -> None:
+    def _grow_modules(self, ctx: TrainingContext, step: int, keys: list[str], warmup: int) -> None:
         """Grow the modules ``keys`` (in ``self.forms`` order), record their growths in the adapter spec and
         put the new tensors in a new optimizer group with its own schedule. Deterministic in ``keys`` and
         ``step``: a resume replays it to rebuild the same tensors and groups."""
@@ -201,21 +222,17 @@ class IncreLoRARankGrowth(Strategy):
             if self._key(path, name) not in keys:
                 continue
             new_params += f.grow()
-            spec = specs(trainer.model)[name]
+            spec = specs(ctx.model)[name]
             spec.module_args[re.escape(path)] = {**spec.module_args.get(re.escape(path), {}),
                                                   "growths": f.args.growths}
         if not new_params:
             return
-        c = trainer.config
-        sched = RestartWarmup(step, warmup, c.steps)
-        trainer.optimizer.add_param_group({"params": new_params, "weight_decay": c.weight_decay,
-                                           "lr": c.lr * sched(step)})
-        # the trainer's LambdaLR drives the new group too, with its own multiplier
-        trainer.scheduler.lr_lambdas.append(sched)
-        trainer.scheduler.base_lrs.append(c.lr)
-        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
-        self.groups.append({"index": len(trainer.optimizer.param_groups) - 1, "start": step,
-                            "base_lr": c.lr, "warmup": warmup, "modules": list(keys)})
+        c = ctx.config
+        sched = RestartWarmup(step, warmup, ctx.total_steps)
+        # the group's lr at `step` is c.lr · sched(step); the trainer's scheduler drives it from then on
+        index = ctx.add_param_group({"params": new_params, "weight_decay": c.weight_decay}, lr_lambda=sched)
+        self.groups.append({"index": index, "start": step, "base_lr": c.lr, "warmup": warmup,
+                            "modules": list(keys)})
 
     def _finish(self) -> None:
         """Budget met: stop tracking, switch every reserve off (e = 0), as the official code."""
@@ -257,7 +274,7 @@ class IncreLoRARankGrowth(Strategy):
         return {"ipt": self.ipt, "unc": self.unc, "history": self.history, "groups": self.groups,
                 "done": self.done, "last_scores": self.last_scores}
 
-    def restore_structure(self, trainer: Any, state: dict[str, Any]) -> None:
+    def restore_structure(self, ctx: TrainingContext, state: dict[str, Any]) -> None:
         """Replay the saved growths on the freshly built model (whose adapter has the run's initial spec):
         the same tensors grow in the same order and the same optimizer groups and scheduler lambdas are
         added, so the checkpoint's tensors, optimizer and scheduler state load into matching structure."""
@@ -266,14 +283,14 @@ class IncreLoRARankGrowth(Strategy):
         if state.get("grown") and "groups" not in state:
             raise ValueError("increlora: this checkpoint was written by an older lorakit that did not record its "
                              "growths; restart the run or resume from a checkpoint written before any growth")
-        self.forms = growable_forms(trainer.model)
+        self.forms = growable_forms(ctx.model)
         if self.groups:
             raise ValueError("increlora: restore_structure called on a strategy that has already grown ranks")
         for g in state.get("groups", []):
             unknown = set(g["modules"]) - {self._key(*k) for k in self.forms}
             if unknown:
                 raise ValueError(f"increlora: the checkpoint grew modules the model lacks: {sorted(unknown)[:3]}")
-            self._grow_modules(trainer, int(g["start"]), list(g["modules"]), int(g["warmup"]))
+            self._grow_modules(ctx, int(g["start"]), list(g["modules"]), int(g["warmup"]))
             if self.groups[-1]["index"] != g["index"]:
                 raise ValueError(f"increlora: the replayed growth at step {g['start']} made optimizer group "
                                  f"{self.groups[-1]['index']}, the checkpoint's was {g['index']}; resume with the "

@@ -33,14 +33,18 @@ Not for DDP (requires_grad changes under a DistributedDataParallel wrapper).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lorakit.train.context import TrainingContext
 
 
 def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -99,15 +103,30 @@ def save_full_model(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class LISAArgs:
+    gamma: int = 2  # γ blocks unfrozen per interval (LMFlow lisa_activated_layers)
+    interval: int = 20  # K optimizer steps between re-sampling (LMFlow lisa_interval_steps)
+    seed: int = 0
+    layers: str | None = None  # module path of the blocks' ModuleList; None: found automatically
+    keep_frozen_state: bool = False  # keep AdamW state of frozen blocks (LMFlow) instead of releasing it
+    save_full: bool = True  # write <out_dir>/full_model at the last step
+
+    def __post_init__(self) -> None:
+        if int(self.gamma) < 1 or int(self.interval) < 1:
+            raise ValueError(f"lisa: need gamma >= 1 and interval >= 1, got gamma={self.gamma}, "
+                             f"interval={self.interval}")
+
+
 class LISA(Strategy):
     name = "lisa"
+    Args = LISAArgs
 
-    def __init__(self, gamma: int = 2, interval: int = 20, seed: int = 0, layers: str | None = None,
-                 keep_frozen_state: bool = False, save_full: bool = True) -> None:
-        if int(gamma) < 1 or int(interval) < 1:
-            raise ValueError(f"lisa: need gamma >= 1 and interval >= 1, got gamma={gamma}, interval={interval}")
-        self.gamma, self.interval, self.seed = int(gamma), int(interval), int(seed)
-        self.layers, self.keep_frozen_state, self.save_full = layers, bool(keep_frozen_state), bool(save_full)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.gamma, self.interval, self.seed = int(a.gamma), int(a.interval), int(a.seed)
+        self.layers, self.keep_frozen_state, self.save_full = a.layers, bool(a.keep_frozen_state), bool(a.save_full)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.active: list[int] | None = None
         self.history: list[tuple[int, list[int]]] = []  # (step, active blocks)
@@ -136,7 +155,7 @@ class LISA(Strategy):
                 base.append(p)
         return [{"params": base}]  # weight decay: set from the trainer's config in on_train_start
 
-    def _apply(self, trainer: Any) -> None:
+    def _apply(self, ctx: TrainingContext) -> None:
         assert self.blocks is not None and self.active is not None
         frozen = [p for i, b in enumerate(self.blocks) if i not in self.active for p in b.parameters()]
         for i, b in enumerate(self.blocks):
@@ -144,32 +163,32 @@ class LISA(Strategy):
                 p.requires_grad_(i in self.active)
         for p in frozen:
             p.grad = None
-            if not self.keep_frozen_state:
-                trainer.optimizer.state.pop(p, None)
+        if not self.keep_frozen_state:
+            ctx.drop_optimizer_state(frozen)
         self._applied = True
 
     # -- hooks -------------------------------------------------------------------------------
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, ctx: TrainingContext) -> None:
         if self.blocks is None:
-            _, self.blocks = find_blocks(trainer.model, self.layers)
+            _, self.blocks = find_blocks(ctx.model, self.layers)
         if self.gamma > len(self.blocks):
             raise ValueError(f"lisa: gamma={self.gamma} exceeds the number of blocks ({len(self.blocks)})")
-        for group in trainer.optimizer.param_groups:
-            group["weight_decay"] = trainer.config.weight_decay
+        for group in ctx.param_groups:
+            group["weight_decay"] = ctx.config.weight_decay
 
-    def on_step_start(self, trainer: Any, step: int) -> None:
+    def on_step_start(self, ctx: TrainingContext, step: int) -> None:
         if step % self.interval == 0 or self.active is None:
             self.active = self.sample(len(self.blocks))
             self.history.append((step, list(self.active)))
             self._applied = False
         if not self._applied:
-            self._apply(trainer)
+            self._apply(ctx)
 
-    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         logs["lisa_layers"] = list(self.active or [])
-        logs["lisa_opt_bytes"] = optimizer_state_bytes(trainer.optimizer)
-        if self.save_full and step == trainer.config.steps and trainer.out_dir is not None and trainer.is_main:
-            save_full_model(trainer.model, trainer.out_dir / "full_model")
+        logs["lisa_opt_bytes"] = optimizer_state_bytes(ctx.optimizer)
+        if self.save_full and step == ctx.total_steps and ctx.out_dir is not None and ctx.is_main:
+            save_full_model(ctx.model, ctx.out_dir / "full_model")
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "generator": self.generator.get_state(), "active": self.active,

@@ -41,7 +41,8 @@ Logs ``lorapro_adjust``: the mean over layers of ‖g_A' − g_A‖/‖g_A‖.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ from torch import nn
 from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lorakit.train.context import TrainingContext
 
 JITTER = 1e-8
 
@@ -91,16 +95,29 @@ def equivalent_gradient(A, B, gA, gB, s: float) -> torch.Tensor:
     return s * (B @ gA + gB @ A)
 
 
+@dataclass(frozen=True)
+class LoRAProArgs:
+    mode: str = "adam"  # adam (official code, Algorithm 2) | adjust (Algorithm 1 + the trainer's AdamW)
+    betas: tuple[float, float] | None = None  # None: the trainer's betas
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("adam", "adjust"):
+            raise ValueError(f"lora_pro: mode must be 'adam' (official code) or 'adjust' (paper + trainer's "
+                             f"optimizer), got {self.mode!r}")
+
+
 class LoRAPro(Strategy):
     name = "lora_pro"
+    Args = LoRAProArgs
     requires = Cap.FACTORED_AB
     exclusive_with = frozenset({"allora"})  # both rewrite the A/B update
 
-    def __init__(self, mode: str = "adam", betas: tuple[float, float] | None = None, eps: float = 1e-8) -> None:
-        if mode not in ("adam", "adjust"):
-            raise ValueError(f"lora_pro: mode must be 'adam' (official code) or 'adjust' (paper + trainer's "
-                             f"optimizer), got {mode!r}")
-        self.mode, self.betas, self.eps = mode, betas, float(eps)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        # betas: filled from the trainer's config at train start when None (mutable run state, not an arg)
+        self.mode, self.betas, self.eps = a.mode, a.betas, float(a.eps)
         self.forms: list[Form] = []
         self.state: dict[int, dict[str, Any]] = {}  # per form index: step, m, v
         self.last_adjust: float | None = None
@@ -117,10 +134,10 @@ class LoRAPro(Strategy):
                              "(FFA-LoRA); use a form with trainable A")
         return forms
 
-    def on_train_start(self, trainer: Any) -> None:
-        self.forms = self._forms(trainer.model)
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        self.forms = self._forms(ctx.model)
         if self.betas is None:
-            self.betas = tuple(trainer.config.betas)
+            self.betas = tuple(ctx.config.betas)
 
     def _group_of(self, optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict[str, Any]:
         for g in optimizer.param_groups:
@@ -129,9 +146,9 @@ class LoRAPro(Strategy):
         raise ValueError("lora_pro: an adapter tensor is not in the optimizer")
 
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, step: int) -> None:
+    def on_before_optimizer_step(self, ctx: TrainingContext, step: int) -> None:
         if not self.forms:
-            self.on_train_start(trainer)
+            self.on_train_start(ctx)
         rel = []
         for i, f in enumerate(self.forms):
             A, B = f.lora_A, f.lora_B
@@ -161,7 +178,7 @@ class LoRAPro(Strategy):
                             first=first)
             rel.append(float((nA - A.grad).norm() / A.grad.norm().clamp_min(1e-30)))
             for p, g in ((A, nA), (B, nB)):
-                group = self._group_of(trainer.optimizer, p)
+                group = self._group_of(ctx.optimizer, p)
                 lr, wd = group["lr"], group.get("weight_decay", 0.0)
                 if wd:
                     p.mul_(1 - lr * wd)
@@ -170,7 +187,7 @@ class LoRAPro(Strategy):
             st["step"] = t
         self.last_adjust = sum(rel) / len(rel) if rel else None
 
-    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         if self.last_adjust is not None and math.isfinite(self.last_adjust):
             logs["lorapro_adjust"] = self.last_adjust
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,11 +48,12 @@ from lorakit.strategies.loraprune import (
     default_prunable,
     find_blocks,
     kept_rows,
+    layer_list,
     prune_groups,
 )
 
 if TYPE_CHECKING:
-    from lorakit.train.trainer import Trainer
+    from lorakit.train.context import TrainingContext
 
 Keep = dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]  # block index -> (kv groups, channels)
 IndexMap = dict[str, tuple[int, torch.Tensor, int]]  # module path -> (dim, kept indices, full size)
@@ -196,30 +198,44 @@ def align(model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[nn.Module
     return losses
 
 
+@dataclass(frozen=True)
+class LoRAMArgs:
+    ratio: float = 0.5  # fraction of the prunable heads/channels removed
+    method: str = "magnitude"  # magnitude (ℓ2 of the groups) | random (LoRAM-Rand)
+    layers: list[int] | str | None = None  # prunable blocks; None: all but the first 10% and the last
+    prune_attn: bool = True
+    prune_mlp: bool = True
+    fill: str = "zero"  # pruned lora_A columns at recovery: zero (zeroA) | norm (normA, N(0, 1/r))
+    seed: int = 0
+    adapter: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.fill not in ("zero", "norm"):
+            raise ValueError(f"loram: fill must be 'zero' or 'norm', got {self.fill!r}")
+
+
 class LoRAM(Strategy):
     """Train the adapter on a structurally pruned copy; recover a full-size adapter at the end."""
 
     name = "loram"
+    Args = LoRAMArgs
     requires = Cap.FACTORED_AB
     exclusive_with = frozenset({"lisa", "loraprune"})
 
-    def __init__(self, ratio: float = 0.5, method: str = "magnitude", layers: list[int] | str | None = None,
-                 prune_attn: bool = True, prune_mlp: bool = True, fill: str = "zero", seed: int = 0,
-                 adapter: str = "default") -> None:
-        if isinstance(layers, str):
-            layers = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()]
-        if fill not in ("zero", "norm"):
-            raise ValueError(f"loram: fill must be 'zero' or 'norm', got {fill!r}")
-        self.ratio, self.method, self.layers, self.fill, self.seed = float(ratio), method, layers, fill, int(seed)
-        self.prune_attn, self.prune_mlp, self.adapter = bool(prune_attn), bool(prune_mlp), adapter
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.ratio, self.method, self.fill, self.seed = float(a.ratio), a.method, a.fill, int(a.seed)
+        self.layers = layer_list(a.layers)
+        self.prune_attn, self.prune_mlp, self.adapter = bool(a.prune_attn), bool(a.prune_mlp), a.adapter
         self.imap: IndexMap = {}
         self.saved: dict[str, torch.Tensor] = {}
         self.params_full = self.params_pruned = 0
         self.recovered = False
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        model = trainer.model
-        if trainer.step > 0:
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        model = ctx.model
+        if ctx.step > 0:
             raise ValueError("strategy 'loram' cannot resume a run (the pruned model is built at step 0)")
         keep = structured_keep(model, self.ratio, self.layers, self.method, self.prune_attn, self.prune_mlp,
                                self.seed)
@@ -267,12 +283,12 @@ class LoRAM(Strategy):
         self.saved = {}
         self.recovered = True
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
-        if step < trainer.config.steps or self.recovered:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
+        if step < ctx.total_steps or self.recovered:
             return
         logs["loram_params_pruned"], logs["loram_params_full"] = self.params_pruned, self.params_full
-        self.recover_in_place(trainer.model)
-        if trainer.out_dir is not None and trainer.is_main:
+        self.recover_in_place(ctx.model)
+        if ctx.out_dir is not None and ctx.is_main:
             import lorakit
 
-            lorakit.save(trainer.model, trainer.out_dir / "recovered_adapter", name=self.adapter)
+            lorakit.save(ctx.model, ctx.out_dir / "recovered_adapter", name=self.adapter)

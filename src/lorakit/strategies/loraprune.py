@@ -47,7 +47,7 @@ from lorakit.core.layer import AdaptedLayer
 from lorakit.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from lorakit.train.trainer import Trainer
+    from lorakit.train.context import TrainingContext
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -249,29 +249,51 @@ def default_prunable(n_blocks: int) -> list[int]:
     return list(range(int(0.1 * n_blocks), n_blocks - 1))
 
 
+def layer_list(layers: list[int] | str | None) -> list[int] | None:
+    """Block indices from a list or a ``"0,1"`` / ``"0;1"`` string (None: the default prunable blocks)."""
+    if isinstance(layers, str):
+        return [int(x) for x in layers.replace(";", ",").split(",") if x.strip()]
+    return None if layers is None else [int(x) for x in layers]
+
+
+@dataclass(frozen=True)
+class LoRAPruneArgs:
+    ratio: float = 0.5  # final sparsity p_f of each prunable layer's groups
+    prune_freq: int = 10  # steps between mask updates
+    warmup_ratio: float = 0.1  # t_w as a fraction of the steps
+    cooldown_ratio: float = 0.1  # t_c as a fraction of the steps
+    ema: float = 0.9  # β of the score moving average
+    initial_ratio: float = 0.0  # p_0
+    layers: list[int] | str | None = None  # prunable blocks; None: all but the first 10% and the last
+    prune_attn: bool = True
+    prune_mlp: bool = True
+    physical: bool = True  # remove the masked groups at the last step
+    normalize: bool = True  # L2-normalise each module's group vector before summing
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"loraprune: ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.initial_ratio <= self.ratio:
+            raise ValueError(f"loraprune: need 0 <= initial_ratio <= ratio, got {self.initial_ratio} and {self.ratio}")
+        if self.prune_freq < 1:
+            raise ValueError(f"loraprune: prune_freq must be >= 1, got {self.prune_freq}")
+
+
 class LoRAPrune(Strategy):
     """Train LoRA while pruning heads/channels by LoRA-guided importance; remove them at the end."""
 
     name = "loraprune"
+    Args = LoRAPruneArgs
     requires = Cap.FACTORED_AB
     exclusive_with = frozenset({"lisa", "loram"})
 
-    def __init__(self, ratio: float = 0.5, prune_freq: int = 10, warmup_ratio: float = 0.1,
-                 cooldown_ratio: float = 0.1, ema: float = 0.9, initial_ratio: float = 0.0,
-                 layers: list[int] | str | None = None, prune_attn: bool = True, prune_mlp: bool = True,
-                 physical: bool = True, normalize: bool = True) -> None:
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"loraprune: ratio must be in [0, 1), got {ratio}")
-        if not 0.0 <= initial_ratio <= ratio:
-            raise ValueError(f"loraprune: need 0 <= initial_ratio <= ratio, got {initial_ratio} and {ratio}")
-        if prune_freq < 1:
-            raise ValueError(f"loraprune: prune_freq must be >= 1, got {prune_freq}")
-        self.ratio, self.prune_freq, self.initial = float(ratio), int(prune_freq), float(initial_ratio)
-        self.warmup_ratio, self.cooldown_ratio, self.ema = float(warmup_ratio), float(cooldown_ratio), float(ema)
-        if isinstance(layers, str):
-            layers = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()]
-        self.layers, self.prune_attn, self.prune_mlp = layers, bool(prune_attn), bool(prune_mlp)
-        self.physical, self.normalize = bool(physical), bool(normalize)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a = self.args
+        self.ratio, self.prune_freq, self.initial = float(a.ratio), int(a.prune_freq), float(a.initial_ratio)
+        self.warmup_ratio, self.cooldown_ratio, self.ema = float(a.warmup_ratio), float(a.cooldown_ratio), float(a.ema)
+        self.layers, self.prune_attn, self.prune_mlp = layer_list(a.layers), bool(a.prune_attn), bool(a.prune_mlp)
+        self.physical, self.normalize = bool(a.physical), bool(a.normalize)
         self.blocks: list[Block] = []
         self.scores: dict[tuple[int, str], torch.Tensor] = {}
         self.handles: list[Any] = []
@@ -328,8 +350,8 @@ class LoRAPrune(Strategy):
         self.pruned = True
 
     # -- trainer hooks -----------------------------------------------------------------------
-    def on_train_start(self, trainer: Trainer) -> None:
-        self.attach(trainer.model, trainer.config.steps)
+    def on_train_start(self, ctx: TrainingContext) -> None:
+        self.attach(ctx.model, ctx.total_steps)
         for b in self.blocks:  # masks of a resumed run
             b.keep_kv, b.keep_ch = self._pending_keep.get(b.index, (None, None))
         if not any(_lora_forms(getattr(p, n)) for b in self.prunable()
@@ -337,7 +359,7 @@ class LoRAPrune(Strategy):
             raise ValueError("strategy 'loraprune' needs a LoRA (B·A) adapter on the attention and/or MLP "
                              "projections of the pruned blocks; none found")
 
-    def on_after_backward(self, trainer: Trainer, step: int) -> None:
+    def on_after_backward(self, ctx: TrainingContext, step: int) -> None:
         self.accumulate()
         T = self.total_steps
         warm, cool = int(self.warmup_ratio * T), int(self.cooldown_ratio * T)
@@ -348,11 +370,11 @@ class LoRAPrune(Strategy):
             if self.sparsity > 0:
                 self.update_masks(self.sparsity)
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, logs: dict[str, Any]) -> None:
         logs["loraprune_sparsity"] = self.sparsity
         if step >= self.total_steps and self.physical and not self.pruned:
             self.finalize()
-            logs["loraprune_params"] = sum(p.numel() for p in trainer.model.parameters())
+            logs["loraprune_params"] = sum(p.numel() for p in ctx.model.parameters())
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": {f"{i}.{k}": v for (i, k), v in self.scores.items()},

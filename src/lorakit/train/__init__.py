@@ -1,5 +1,6 @@
 """Training: the trainer (on accelerate), checkpoints with exact resume, logs and plots."""
 
+from lorakit.train.context import TrainingContext
 from lorakit.train.trainer import TrainConfig, Trainer, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingContext"]

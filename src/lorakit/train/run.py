@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.core import atomic
-from lorakit.core.spec import AdapterSpec
+from lorakit.core.spec import AdapterSpec, TrainSpec
 from lorakit.strategies.base import Strategy
 from lorakit.train.objectives import make_objective
 from lorakit.train.trainer import TrainConfig, Trainer
@@ -33,9 +33,11 @@ def _say(msg: str) -> None:
 def finetune(*, model: str | None = None, data: str = "sentiment", spec: AdapterSpec | None = None,
              config: TrainConfig | None = None, strategies: list[Strategy] | None = None,
              n_train: int | None = None, n_eval: int | None = None, max_length: int = 128,
-             eval_batch_size: int = 16, threads: int | None = None, adapter_seed: int = 0) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``data`` with the adapter ``spec``; write the adapter and summary.json
-    into ``config.out_dir``; return the summary."""
+             eval_batch_size: int = 16, threads: int | None = None, adapter_seed: int = 0,
+             train_spec: TrainSpec | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``data`` with the adapter ``spec``; write the adapter, summary.json and
+    train_spec.json into ``config.out_dir``; return the summary (its ``"train_spec"`` is the run's
+    ``TrainSpec``: the given one, else one built from the strategies, config, init and data)."""
     import lorakit
     from lorakit.core.spec import validate_spec
     from lorakit.models import load_model, set_threads
@@ -57,8 +59,13 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
          f"-> {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     objective = make_objective(task, tokenizer, max_length=max_length, eval_batch_size=eval_batch_size,
                                progress=config.progress)
+    if train_spec is None:
+        train_spec = TrainSpec.for_run(strategies or [], config, init=spec.init, init_args=spec.init_args,
+                                       data=data)
+    else:  # the config as run (out_dir filled in above)
+        train_spec = dataclasses.replace(train_spec, trainer=dataclasses.asdict(config))
     trainer = Trainer(base, task.train, objective.collate, objective.loss, config,
-                      eval_fn=objective.evaluate, strategies=strategies or [])
+                      eval_fn=objective.evaluate, strategies=strategies or [], train_spec=train_spec)
     result = trainer.train(resume=True)
     summary: dict[str, Any] = {
         "metric_name": objective.metric_name,
@@ -80,6 +87,7 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
         "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
         "spec": spec.to_dict(),
         "train_config": dataclasses.asdict(config),
+        "train_spec": train_spec.to_dict(),
         "adapter_dir": str(out),
     }
     if trainer.is_main:

@@ -24,8 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.core import atomic
+from lorakit.core.spec import TrainSpec
 from lorakit.strategies.base import Strategy, check_stack
 from lorakit.train import checkpoint as ckpt
+from lorakit.train.context import TrainingContext
 from lorakit.train.plots import plot_run, read_log
 from lorakit.train.sampler import IndexStream
 from lorakit.train.schedule import SCHEDULES, lr_multiplier
@@ -87,16 +89,20 @@ class Trainer:
     ``train_data`` is indexable; ``collate`` turns a list of its items into a batch;
     ``loss_fn(model, batch)`` returns the scalar loss; ``eval_fn(model)`` returns metrics. A model with
     an ``aux_loss()`` method (e.g. a router's balance loss over its last forward) has it added to the loss.
+    ``train_spec`` records the run (strategies with their args, this config, init, data); without one the
+    trainer records its own strategies and config. It is written to ``<out_dir>/train_spec.json``.
     """
 
     def __init__(self, model: nn.Module, train_data: Sequence[Any], collate: Callable[[list[Any]], Any],
                  loss_fn: LossFn, config: TrainConfig | None = None, *, eval_fn: EvalFn | None = None,
-                 strategies: Sequence[Strategy] = (), accelerator: Any = None) -> None:
+                 strategies: Sequence[Strategy] = (), accelerator: Any = None,
+                 train_spec: TrainSpec | None = None) -> None:
         from accelerate import Accelerator
 
         self.config = config or TrainConfig()
         self.strategies = list(strategies)
         check_stack(self.strategies)
+        self.train_spec = train_spec or TrainSpec.for_run(self.strategies, self.config)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.model = model
         self.train_data, self.collate, self.loss_fn, self.eval_fn = train_data, collate, loss_fn, eval_fn
@@ -107,6 +113,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters; attach an adapter first")
         self.param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._build_optimizer()
+        self.context = TrainingContext(self)  # what strategy hooks see: not the whole trainer
 
     # -- set-up ----------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
@@ -167,7 +174,7 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint was written by {saved_world} processes, resuming with "
                              f"{self.accelerator.num_processes}; exact resume needs the same number")
         for s in self.strategies:  # structure first (grown tensors, added groups), then the state into it
-            s.restore_structure(self, data["strategies"].get(s.name, {}))
+            s.restore_structure(self.context, data["strategies"].get(s.name, {}))
         named = self._trainable_state()
         missing = set(named) - set(data["params"])
         if missing:
@@ -217,6 +224,7 @@ class Trainer:
         c, acc = self.config, self.accelerator
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.out_dir / "train_spec.json", self.train_spec.to_dict())
         resumed = self._resume(resume)
         if resumed is not None:
             self._trim_log()
@@ -228,7 +236,7 @@ class Trainer:
             eval_before = self.evaluate()
             self._log({"step": 0, "eval": eval_before})
         for s in self.strategies:
-            s.on_train_start(self)
+            s.on_train_start(self.context)
         bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (c.progress and self.is_main), file=sys.stderr)
         losses: list[float] = []
@@ -236,7 +244,7 @@ class Trainer:
         self.model.train()
         while self.step < c.steps:
             for s in self.strategies:
-                s.on_step_start(self, self.step)
+                s.on_step_start(self.context, self.step)
             total = 0.0
             for micro in range(c.grad_accum):
                 k = self.step * c.grad_accum + micro
@@ -250,18 +258,18 @@ class Trainer:
                     if inspect.ismethod(aux):  # a model's own auxiliary loss (e.g. a router's balance loss)
                         loss = loss + aux()
                     for s in self.strategies:
-                        loss = s.on_loss(self, loss, batch)
+                        loss = s.on_loss(self.context, loss, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower the lr")
                     acc.backward(loss / c.grad_accum)
                 total += loss.detach().item() / c.grad_accum
             for s in self.strategies:
-                s.on_after_backward(self, self.step)
+                s.on_after_backward(self.context, self.step)
             grad_norm = None
             if c.max_grad_norm:
                 grad_norm = float(acc.clip_grad_norm_(self.optimized_params(), c.max_grad_norm))
             for s in self.strategies:
-                s.on_before_optimizer_step(self, self.step)
+                s.on_before_optimizer_step(self.context, self.step)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +282,7 @@ class Trainer:
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
             for s in self.strategies:
-                s.on_step_end(self, self.step, logs)
+                s.on_step_end(self.context, self.step, logs)
             if self.step % c.log_every == 0 or self.step == c.steps:
                 self._log(logs)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{logs['lr']:.2e}")
