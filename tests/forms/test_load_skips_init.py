@@ -13,8 +13,8 @@ import torch
 import lorakit
 from lorakit.api import apply_state
 from lorakit.core import registry
-from lorakit.io.peft import load_state
 from lorakit.forms.base import Form, _skipped_under_load, init_skipped, skip_init
+from lorakit.io.peft import load_state
 from lorakit.models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

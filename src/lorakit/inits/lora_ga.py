@@ -26,15 +26,16 @@ SVD (official ``lora_ga_init``): ``torch.svd_lowrank(Ḡ, q=min(4r, min(m, n)), 
 it (``seed``, the global RNG is untouched) so the init is reproducible; ``svd="exact"`` uses
 ``torch.linalg.svd`` (exact top-2r vectors). The SVD and the offset are done in fp32.
 
-``variant="peft"``: PEFT 0.21.2's ``init_lora_weights="lora_ga"`` (``tuners/lora/layer.py::lora_ga_init``,
+``variant="peft"``: PEFT's ``init_lora_weights="lora_ga"`` (``tuners/lora/layer.py::lora_ga_init``,
 direction "ArB2r", scale "stable"), which differs from the official code:
 
     A0 = V[:, :r]ᵀ,   B0 = c·U[:, r:2r]·diag(S[r:2r]),   c = m^{1/4}/√γ with m = ``weight.shape[0]``
 
 (the singular values sit in B and the stable factor only on B; the scale s is whatever the form uses,
-α/r unless rsLoRA). m is the first dimension of the STORED weight, which for a GPT-2 Conv1D (stored
-(in, out)) is the input width; lorakit mirrors that so the variant reproduces PEFT exactly. With it the
-first step is ∝ U_r S_r V_rᵀ + c² U_{r:2r} S³_{r:2r} V_{r:2r}ᵀ, no longer the rank-2r approximation.
+α/r unless rsLoRA). m is the layer's output width (PEFT ≥ 0.22 reads ``out_features``; PEFT 0.21.2 read the
+first dimension of the STORED weight, the input width of a GPT-2 Conv1D: lorakit follows the current
+PEFT, which dev installs as the test oracle). With it the first step is
+∝ U_r S_r V_rᵀ + c² U_{r:2r} S³_{r:2r} V_{r:2r}ᵀ, no longer the rank-2r approximation.
 PEFT's svd_lowrank is unseeded; lorakit's is seeded as above.
 
 Defaults: r and α come from the form (the official example examples/float_llama2-7b_metamath.py uses
@@ -55,7 +56,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
-from lorakit.forms.base import Form, is_conv1d
+from lorakit.forms.base import Form
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import weight_gradients
 
@@ -143,10 +144,8 @@ class LoRAGAInit(Init):
         if stats is None:
             raise ValueError("init 'lora_ga': no gradient for a layer (collect() not run?)")
         r = form.lora_A.shape[0]
-        # PEFT's stable factor reads weight.shape[0] of the stored weight (in features for a Conv1D)
-        m = base_layer.weight.shape[0] if self.args.variant == "peft" and is_conv1d(base_layer) else None
         a0, b0 = lora_ga_factors(stats, r, variant=self.args.variant, gamma=self.args.gamma, svd=self.args.svd,
-                                 niter=self.args.niter, seed=self.args.seed, m=m)
+                                 niter=self.args.niter, seed=self.args.seed)
         with torch.no_grad():
             form.lora_A.copy_(a0)
             form.lora_B.copy_(b0)
