@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common, check_min
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_common, check_min
 
 
 @dataclass(frozen=True)

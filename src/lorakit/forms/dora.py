@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common, check_peft_bias
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_common, check_peft_bias
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_common
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_choice, check_common, check_min
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_choice, check_common, check_min
 
 BIAS_UPDATES = ("train", "always", "never")
 

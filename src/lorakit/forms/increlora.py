@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common
 from lorakit.forms.base import Form, init_skipped
-from lorakit.forms.checks import check_common
 
 RESERVE_E = 1e-5
 

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common
 from lorakit.forms.base import Form, init_skipped
-from lorakit.forms.checks import check_common
 
 
 @dataclass(frozen=True)

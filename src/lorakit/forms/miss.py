@@ -72,8 +72,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_common
 
 _BLOCK = "miss_block"
 _LEGACY_BLOCK = "bone_block"  # PEFT BoneConfig era (peft_type "BONE")

@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_common, check_min
 from lorakit.forms.base import Form
-from lorakit.forms.checks import check_common, check_min
 
 _MASK64 = (1 << 64) - 1
 SEED_LIMIT = 1 << 24  # layer seeds are exact in fp32

@@ -65,8 +65,8 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_choice, check_common, check_peft_bias
 from lorakit.forms.base import Form, SharedTensors
-from lorakit.forms.checks import check_choice, check_common, check_peft_bias
 
 INITS = ("peft", "official")
 

@@ -53,12 +53,11 @@ from lorakit.compose.merge.parts import (
     MergeInputError,
     Merger,
     ModuleResult,
-    check_choice,
-    check_k,
     merged_bias,
     module_generator,
     pool,
 )
+from lorakit.core.checks import check_choice, check_k
 
 CANONICAL = ("none", "sign", "scale", "both")
 _EPS = 1e-12

@@ -34,7 +34,6 @@ from lorakit.compose.merge.parts import (
     MergeInputError,
     Merger,
     ModuleResult,
-    check_choice,
     gather,
     load_inputs,
     merged_bias,
@@ -42,6 +41,7 @@ from lorakit.compose.merge.parts import (
     resolve_weights,
 )
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_choice
 from lorakit.core.state import AdapterState
 
 

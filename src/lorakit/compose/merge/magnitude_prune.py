@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.compose.merge.parts import RESCALES, DenseMerger, check_choice, check_density, check_k
+from lorakit.compose.merge.parts import RESCALES, DenseMerger
+from lorakit.core.checks import check_choice, check_density, check_k
 
 
 @dataclass(frozen=True)

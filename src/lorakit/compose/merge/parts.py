@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from lorakit.core.caps import Cap
 from lorakit.core.factors import FactorError, LoRAFactors, lora_state, state_factors
-from lorakit.core.spec import build_args
+from lorakit.core.spec import NoArgs, build_args
 from lorakit.core.state import ARCH_KEYS, AdapterState, BaseMismatchError
 from lorakit.io.peft import load_state
 
@@ -285,9 +285,6 @@ def module_generator(seed: int, index: int) -> torch.Generator:
 # -- the Merger base --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NoArgs:
-    pass
 
 
 @dataclass
@@ -431,18 +428,3 @@ class DenseMerger(Merger):
         bias = merged_bias(inputs, weights)
         return ModuleResult(B=t.B, A=t.A, bias=None if bias is None else bias * self.args.lam,
                             err_sq=t.err_sq, norm_sq=t.norm_sq)
-
-
-def check_choice(owner: str, field: str, value: Any, known: Sequence[Any]) -> None:
-    if value not in known:
-        raise ValueError(f"{owner}: {field}={value!r} is not one of {', '.join(map(repr, known))}")
-
-
-def check_k(owner: str, k: int | None) -> None:
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise ValueError(f"{owner}: k (output rank) must be a positive integer or None, got {k!r}")
-
-
-def check_density(owner: str, density: float) -> None:
-    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-        raise ValueError(f"{owner}: density must be in (0, 1], got {density!r}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.compose.merge.parts import LoRAFactors, Merger, ModuleResult, check_k, pool, truncate_factors
+from lorakit.compose.merge.parts import LoRAFactors, Merger, ModuleResult, pool, truncate_factors
+from lorakit.core.checks import check_k
 
 
 @dataclass(frozen=True)

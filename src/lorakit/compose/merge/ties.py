@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.compose.merge.parts import CONSENSUS, DenseMerger, check_choice, check_density, check_k
+from lorakit.compose.merge.parts import CONSENSUS, DenseMerger
+from lorakit.core.checks import check_choice, check_density, check_k
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from lorakit.core import atomic
 from lorakit.core.batched import BackendError
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.sources import StackedLoRA, add_source, remove_source
-from lorakit.core.spec import build_args
+from lorakit.core.spec import NoArgs, build_args
 from lorakit.core.state import AdapterState
 from lorakit.forms.base import layer_dims
 
@@ -184,11 +184,6 @@ def _layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 # -- the routed model ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NoArgs:
-    pass
 
 
 class RoutedModel(nn.Module):

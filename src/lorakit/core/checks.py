@@ -1,4 +1,4 @@
-"""Argument checks shared by the forms' ``Args`` dataclasses (one wording for every form)."""
+"""Argument checks shared by the ``Args`` dataclasses of every axis (one wording for every method)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def check_common(owner: str, args: Any, rank_name: str = "rank r") -> None:
 
 def check_choice(owner: str, field: str, value: Any, known: Sequence[Any]) -> None:
     if value not in known:
-        raise ValueError(f"{owner}: {field} must be one of {tuple(known)}, got {value!r}")
+        raise ValueError(f"{owner}: {field}={value!r} is not one of {', '.join(map(repr, known))}")
 
 
 def check_min(owner: str, field: str, value: Any, low: float) -> None:
@@ -30,3 +30,14 @@ def check_peft_bias(config: dict[str, Any]) -> None:
     """PEFT's ``bias`` option trains the base biases, which lorakit adapters never do."""
     if config.get("bias", "none") != "none":
         raise ValueError(f"PEFT option bias={config['bias']!r} (trained base biases) is not supported")
+
+
+def check_k(owner: str, k: int | None) -> None:
+    """An optional output rank (merges): a positive integer or None."""
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"{owner}: k (output rank) must be a positive integer or None, got {k!r}")
+
+
+def check_density(owner: str, density: float) -> None:
+    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        raise ValueError(f"{owner}: density must be in (0, 1], got {density!r}")
