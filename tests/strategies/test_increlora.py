@@ -128,5 +128,5 @@ def test_needs_increlora_form():
     model = tiny_llama(seed=0)
     lorakit.attach(model, lorakit.AdapterSpec(form_args={"r": 2}), seed=0)
     cfg = TrainConfig(steps=1, batch_size=2, progress=False, eval_at_start=False)
-    with pytest.raises(ValueError, match="form 'increlora'"):
+    with pytest.raises(ValueError, match="rank_growth.*'increlora'"):
         Trainer(model, DATA, collate, lm_loss, cfg, strategies=[IncreLoRARankGrowth()]).train(resume=False)

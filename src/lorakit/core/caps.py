@@ -12,6 +12,9 @@ class Cap(Flag):
     FACTORED_AB = auto()  # ΔW = s·B·A with tensors `lora_A` (r, in) and `lora_B` (out, r)
     MERGEABLE = auto()  # ΔW does not depend on the input: merge/unmerge into the base weight is exact
     RANK_MUTABLE = auto()  # implements resize(rank)
+    RANK_GROWTH = auto()  # grows by whole ranks while training: grow(n), track_importance (IncreLoRA's form)
+    NESTED_RANKS = auto()  # serves any prefix rank b <= r_max: set_rank(b), rank, r_max (DyLoRA's form)
+    FROZEN_A = auto()  # A is fixed by design (only B trains: FFA-LoRA)
     NEEDS_DATA = auto()  # an init that reads calibration activations
     NEEDS_GRAD = auto()  # an init that reads gradients of the frozen base weights
     ROUTED = auto()  # output depends on a per-token gate (not mergeable)

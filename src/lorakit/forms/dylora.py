@@ -67,7 +67,7 @@ class DyLoRAArgs:
 class DyLoRA(Form):
     name = "dylora"
     Args = DyLoRAArgs
-    caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.NESTED_RANKS | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
 
     def __init__(self, base_layer: nn.Module, args: DyLoRAArgs) -> None:
         super().__init__(base_layer, args)

@@ -55,7 +55,7 @@ class IncreLoRAArgs:
 class IncreLoRA(Form):
     name = "increlora"
     Args = IncreLoRAArgs
-    caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.CONV1D_OK
+    caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.RANK_GROWTH | Cap.CONV1D_OK
 
     def __init__(self, base_layer: nn.Module, args: IncreLoRAArgs) -> None:
         super().__init__(base_layer, args)

@@ -187,6 +187,7 @@ class FFALoRA(LoRA):
 
     name = "ffa"
     Args = FFAArgs
+    caps = LoRA.caps | Cap.FROZEN_A
 
     @classmethod
     def examples(cls) -> list[LoRAArgs]:

@@ -23,8 +23,10 @@ class Strategy:
     Hooks receive a ``TrainingContext`` (``lorakit.train.context``): the model, optimizer and param groups,
     step and total steps, config, run dir, and the only changes a strategy makes to the run
     (``add_param_group`` with its lr multiplier, ``drop_optimizer_state``, ``log``), never the Trainer.
-    ``requires`` lists form capabilities the strategy relies on; ``exclusive_with`` names
-    strategies it cannot be stacked with (checked before training starts).
+    ``requires`` lists form capabilities the strategy relies on and ``excludes`` those it cannot work with
+    (e.g. a frozen A); ``exclusive_with`` names strategies it cannot be stacked with (checked before
+    training starts). ``resumable = False`` declares that a run cannot resume from a checkpoint (the
+    trainer refuses a resume up front instead of failing on mismatched tensors).
 
     ``Args`` is the strategy's frozen dataclass of settings (defaults from the paper; values are checked
     in its ``__post_init__``); ``Strategy(**kwargs)`` builds ``self.args`` from it, naming unknown keys.
@@ -34,7 +36,9 @@ class Strategy:
     name: ClassVar[str] = ""
     Args: ClassVar[type] = NoArgs
     requires: ClassVar[Cap] = Cap.NONE
+    excludes: ClassVar[Cap] = Cap.NONE
     exclusive_with: ClassVar[frozenset[str]] = frozenset()
+    resumable: ClassVar[bool] = True
 
     def __init__(self, **kwargs: Any) -> None:
         self.args = build_args(type(self).Args, kwargs, owner=f"strategy {self.name!r}")
@@ -81,3 +85,22 @@ def check_stack(strategies: list[Strategy]) -> None:
         clash = s.exclusive_with & set(names)
         if clash:
             raise ValueError(f"strategy {s.name!r} cannot be combined with {sorted(clash)}")
+
+
+def check_forms(strategies: list[Strategy], model: nn.Module) -> None:
+    """Refuse, before training, a model whose adapter forms a strategy cannot work with: none has the
+    capabilities it ``requires``, or one has a capability it ``excludes``."""
+    from lorakit.core import registry
+    from lorakit.core.caps import describe
+    from lorakit.forms.base import Form
+
+    forms = {type(m) for m in model.modules() if isinstance(m, Form)}
+    for s in strategies:
+        if s.requires != Cap.NONE and forms and not any(s.requires in f.caps for f in forms):
+            able = [e.name for e in registry.entries("form") if s.requires in registry.get("form", e.name).caps]
+            raise ValueError(f"strategy {s.name!r} needs an adapter form with capabilities [{describe(s.requires)}] "
+                             f"(catalog forms that have them: {', '.join(repr(n) for n in able)}); the model's "
+                             f"forms {sorted(f.name for f in forms)} have none")
+        bad = sorted(f.name for f in forms if f.caps & s.excludes)
+        if bad:
+            raise ValueError(f"strategy {s.name!r} cannot train form(s) {bad}: they have [{describe(s.excludes)}]")

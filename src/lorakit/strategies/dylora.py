@@ -7,7 +7,7 @@ at its r_max. The draw comes from a seeded generator whose state is part of ``st
 resumed run draws the same ranks as an uninterrupted one. Between steps (evaluation, checkpoints,
 after training) every module is back at the rank it had before the step: its serving rank.
 
-Modules are found by capability (``Cap.RANK_MUTABLE`` forms with ``set_rank``), never by name.
+Modules are found by capability (``Cap.NESTED_RANKS`` forms: ``set_rank``), never by name.
 ``frozen`` (None: each form's own setting) switches the paper's "only the b-th component trains" rule.
 The sampled rank is logged as ``dylora_rank``.
 """
@@ -29,11 +29,10 @@ if TYPE_CHECKING:
 
 
 def rank_mutable_forms(model: nn.Module) -> list[Form]:
-    """Every form in ``model`` that can serve at a chosen rank: ``Cap.RANK_MUTABLE`` forms with
-    ``set_rank(rank, frozen=None)``, ``rank`` and ``r_max``."""
+    """Every form in ``model`` that can serve at a chosen rank: ``Cap.NESTED_RANKS`` forms
+    (``set_rank(rank, frozen=None)``, ``rank`` and ``r_max``)."""
     return [m for m in model.modules()
-            if isinstance(m, Form) and Cap.RANK_MUTABLE in m.caps and callable(getattr(m, "set_rank", None))
-            and hasattr(m, "rank") and hasattr(m, "r_max")]
+            if isinstance(m, Form) and Cap.NESTED_RANKS in m.caps]
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class DyLoRAArgs:
 class DyLoRARankSampling(Strategy):
     name = "dylora"
     Args = DyLoRAArgs
-    requires = Cap.RANK_MUTABLE
+    requires = Cap.NESTED_RANKS
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

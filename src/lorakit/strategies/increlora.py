@@ -55,15 +55,14 @@ if TYPE_CHECKING:
 
 
 def growable_forms(model: nn.Module) -> dict[tuple[str, str], Any]:
-    """(module path, adapter name) -> form, for forms that can grow (``Cap.RANK_MUTABLE`` with ``grow``
+    """(module path, adapter name) -> form, for forms that can grow (``Cap.RANK_GROWTH``: ``grow``
     and importance tracking)."""
     from lorakit.core.inject import adapted_layers
 
     out = {}
     for path, layer in adapted_layers(model):
         for name, form in layer.adapters.items():
-            if Cap.RANK_MUTABLE in form.caps and callable(getattr(form, "grow", None)) \
-                    and hasattr(form, "track_importance"):
+            if Cap.RANK_GROWTH in form.caps:
                 out[(path, name)] = form
     return out
 
@@ -105,7 +104,7 @@ class IncreLoRAArgs:
 class IncreLoRARankGrowth(Strategy):
     name = "increlora"
     Args = IncreLoRAArgs
-    requires = Cap.RANK_MUTABLE
+    requires = Cap.RANK_GROWTH
     exclusive_with = frozenset({"dylora"})
 
     def __init__(self, **kwargs: Any) -> None:
@@ -147,7 +146,7 @@ class IncreLoRARankGrowth(Strategy):
         self.forms = growable_forms(ctx.model)
         if not self.forms:
             raise ValueError("strategy 'increlora' needs an adapter of form 'increlora' (a growable "
-                             "RANK_MUTABLE form); the model has none")
+                             "RANK_GROWTH form); the model has none")
         add = {f.args.add_r for f in self.forms.values()}
         self.budget = int(self.target_total_rank if self.target_total_rank is not None
                           else round(self.target_rank * len(self.forms)))

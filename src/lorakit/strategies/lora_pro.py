@@ -111,6 +111,7 @@ class LoRAPro(Strategy):
     name = "lora_pro"
     Args = LoRAProArgs
     requires = Cap.FACTORED_AB
+    excludes = Cap.FROZEN_A  # the adjusted A gradient needs a trainable A
     exclusive_with = frozenset({"allora"})  # both rewrite the A/B update
 
     def __init__(self, **kwargs: Any) -> None:

@@ -218,6 +218,7 @@ class LoRAM(Strategy):
     """Train the adapter on a structurally pruned copy; recover a full-size adapter at the end."""
 
     name = "loram"
+    resumable = False  # the pruned model is built from the full one at step 0 (not saved per checkpoint)
     Args = LoRAMArgs
     requires = Cap.FACTORED_AB
     exclusive_with = frozenset({"lisa", "loraprune"})

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lorakit.core import atomic
 from lorakit.core.spec import TrainSpec
-from lorakit.strategies.base import Strategy, check_stack
+from lorakit.strategies.base import Strategy, check_forms, check_stack
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.context import TrainingContext
 from lorakit.train.plots import plot_run, read_log
@@ -102,6 +102,7 @@ class Trainer:
         self.config = config or TrainConfig()
         self.strategies = list(strategies)
         check_stack(self.strategies)
+        check_forms(self.strategies, model)
         self.train_spec = train_spec or TrainSpec.for_run(self.strategies, self.config)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.model = model
@@ -168,6 +169,10 @@ class Trainer:
             path = Path(resume)
             if not (path / ckpt.COMPLETE).exists():
                 raise FileNotFoundError(f"{path}: not a complete checkpoint (no {ckpt.COMPLETE})")
+        blocking = [s.name for s in self.strategies if not s.resumable]
+        if blocking:
+            raise ValueError(f"{path}: strategy {blocking} cannot resume a run (declared resumable = False); "
+                             "start a new run in another out_dir or remove the checkpoints")
         data = ckpt.load_checkpoint(path)
         saved_world = data["trainer_state"].get("world_size", 1)
         if saved_world != self.accelerator.num_processes:
