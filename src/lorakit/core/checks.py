@@ -18,7 +18,7 @@ def check_common(owner: str, args: Any, rank_name: str = "rank r") -> None:
 
 def check_choice(owner: str, field: str, value: Any, known: Sequence[Any]) -> None:
     if value not in known:
-        raise ValueError(f"{owner}: {field}={value!r} is not one of {', '.join(map(repr, known))}")
+        raise ValueError(f"{owner}: {field} must be one of {tuple(known)}, got {value!r}")
 
 
 def check_min(owner: str, field: str, value: Any, low: float) -> None:
@@ -41,3 +41,23 @@ def check_k(owner: str, k: int | None) -> None:
 def check_density(owner: str, density: float) -> None:
     if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
         raise ValueError(f"{owner}: density must be in (0, 1], got {density!r}")
+
+
+def check_fields(owner: str, args: Any, *, choices: dict[str, Sequence[Any]] | None = None,
+                 at_least: dict[str, float] | None = None, positive: Sequence[str] = (),
+                 unit: Sequence[str] = ()) -> None:
+    """Declarative checks of an ``Args`` instance (fields whose value is None are skipped):
+    ``choices`` field -> allowed values, ``at_least`` field -> lower bound, ``positive`` fields > 0,
+    ``unit`` fields in [0, 1]."""
+    for field, known in (choices or {}).items():
+        check_choice(owner, field, getattr(args, field), known)
+    for field, low in (at_least or {}).items():
+        check_min(owner, field, getattr(args, field), low)
+    for field in positive:
+        value = getattr(args, field)
+        if value is not None and not value > 0:
+            raise ValueError(f"{owner}: {field} must be > 0, got {value}")
+    for field in unit:
+        value = getattr(args, field)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{owner}: {field} must be in [0, 1], got {value}")

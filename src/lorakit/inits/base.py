@@ -31,12 +31,21 @@ class Init:
     def __init__(self, **kwargs: Any) -> None:
         self.args = build_args(type(self).Args, kwargs, owner=f"init {self.name!r}")
 
+    # what the init does with the capabilities it requires, for the refusal message
+    purpose: ClassVar[str] = ""
+
     @classmethod
     def check_form(cls, form_cls: type[Form]) -> None:
+        """Refuse a form lacking ``requires``, naming what is missing and the catalog forms that have it."""
+        from lorakit.core import registry
+
         missing = cls.requires & ~form_cls.caps
         if missing:
-            raise ValueError(f"init {cls.name!r} needs form capabilities [{describe(missing)}] that form "
-                             f"{form_cls.name!r} lacks (it has [{describe(form_cls.caps)}])")
+            able = [e.name for e in registry.entries("form") if cls.requires in registry.get("form", e.name).caps]
+            why = f" ({cls.purpose})" if cls.purpose else ""
+            raise ValueError(f"init {cls.name!r}{why} needs form capabilities [{describe(missing)}] that form "
+                             f"{form_cls.name!r} lacks (it has [{describe(form_cls.caps)}]); forms that have "
+                             f"them: {', '.join(repr(n) for n in able) or 'none'}")
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         """Gather statistics (activations, gradients) for ``apply``; data-free inits return None."""

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import layer_inputs
@@ -141,12 +142,7 @@ class EVAArgs:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.rho < 1.0:
-            raise ValueError(f"init 'eva': rho must be >= 1, got {self.rho}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"init 'eva': tau must be in [0, 1], got {self.tau}")
-        if self.max_batches < 1:
-            raise ValueError(f"init 'eva': max_batches must be >= 1, got {self.max_batches}")
+        check_fields("init 'eva'", self, at_least={"rho": 1.0, "max_batches": 1}, unit=("tau",))
 
 
 class EVAInit(Init):

@@ -66,14 +66,8 @@ class LDUInit(Init):
     Args = LDUArgs
     needs = Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB
-
-    @classmethod
-    def check_form(cls, form_cls: type[Form]) -> None:
-        if Cap.FACTORED_AB not in form_cls.caps:
-            raise ValueError(f"init 'ldu' puts the truncated LDU of W into the two factors of ΔW = s·B·A; form "
-                             f"{form_cls.name!r} has no such factors (it needs capability [factored_ab], e.g. "
-                             "form 'lora'); for LoLDU's diagonal-only training use form='loldu'")
-        super().check_form(form_cls)
+    purpose = ("puts the truncated LDU of W into the two factors of ΔW = s·B·A; for LoLDU's diagonal-only "
+               "training use form 'loldu'")
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         r = form.lora_A.shape[0]

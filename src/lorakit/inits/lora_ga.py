@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import weight_gradients
@@ -108,16 +109,8 @@ class LoRAGAArgs:
     max_batches: int | None = None  # None: every calibration batch
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"init 'lora_ga': variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.svd not in SVDS:
-            raise ValueError(f"init 'lora_ga': svd must be one of {SVDS}, got {self.svd!r}")
-        if self.gamma <= 0:
-            raise ValueError(f"init 'lora_ga': gamma must be > 0, got {self.gamma}")
-        if self.niter < 0:
-            raise ValueError(f"init 'lora_ga': niter must be >= 0, got {self.niter}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ValueError(f"init 'lora_ga': max_batches must be >= 1, got {self.max_batches}")
+        check_fields("init 'lora_ga'", self, choices={"variant": VARIANTS, "svd": SVDS},
+                     at_least={"niter": 0, "max_batches": 1}, positive=("gamma",))
 
 
 class LoRAGAInit(Init):
@@ -127,14 +120,7 @@ class LoRAGAInit(Init):
     Args = LoRAGAArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD | Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB
-
-    @classmethod
-    def check_form(cls, form_cls: type[Form]) -> None:
-        if Cap.FACTORED_AB not in form_cls.caps:
-            raise ValueError(f"init 'lora_ga' sets the two trainable factors of ΔW = s·B·A from the gradient's "
-                             f"singular vectors; form {form_cls.name!r} has no such factors (it needs capability "
-                             f"[factored_ab], e.g. form 'lora')")
-        super().check_form(form_cls)
+    purpose = "sets the two trainable factors of ΔW = s·B·A from the gradient's singular vectors"
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         return weight_gradients(model, layers, batches, reduce="mean", loss_fn=self.loss_fn,

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import weight_gradients
@@ -89,15 +90,8 @@ class LoRASBArgs:
     max_batches: int | None = None  # None: every calibration batch
 
     def __post_init__(self) -> None:
-        if self.update not in UPDATES:
-            raise ValueError(f"init 'lora_sb': update must be one of {UPDATES}, got {self.update!r}")
-        if self.svd not in SVDS:
-            raise ValueError(f"init 'lora_sb': svd must be one of {SVDS}, got {self.svd!r}")
-        if self.lr <= 0 or self.warmup_steps < 1:
-            raise ValueError(f"init 'lora_sb': needs lr > 0 and warmup_steps >= 1, got lr={self.lr}, "
-                             f"warmup_steps={self.warmup_steps}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ValueError(f"init 'lora_sb': max_batches must be >= 1, got {self.max_batches}")
+        check_fields("init 'lora_sb'", self, choices={"update": UPDATES, "svd": SVDS},
+                     at_least={"warmup_steps": 1, "max_batches": 1}, positive=("lr",))
 
 
 class LoRASBInit(Init):
@@ -107,20 +101,13 @@ class LoRASBInit(Init):
     Args = LoRASBArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD
     requires = Cap.FACTORED_BMA
+    purpose = "sets ΔW = s·B·R·A: frozen A and B and a trainable r×r middle matrix R"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.eta = self.args.lr / self.args.warmup_steps
         if self.args.residual:  # only this variant rewrites the base (the driver reads `needs` on the instance)
             self.needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD | Cap.REWRITES_BASE
-
-    @classmethod
-    def check_form(cls, form_cls: type[Form]) -> None:
-        if Cap.FACTORED_BMA not in form_cls.caps:
-            raise ValueError(f"init 'lora_sb' sets ΔW = s·B·R·A (frozen A, B and a trainable r×r R); form "
-                             f"{form_cls.name!r} has no middle matrix (it needs capability [factored_bma]); "
-                             "use form='lora_xs'")
-        super().check_form(form_cls)
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         reduce = "sum" if self.args.update == "sign" else "mean"

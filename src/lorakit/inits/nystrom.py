@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form
 from lorakit.inits.base import Init
 
@@ -64,8 +65,7 @@ class NystromArgs:
     mode: str = "weight"  # middle N = W[:r,:r] ("weight") or its pseudo-inverse ("pinv")
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"init 'nystrom': mode must be one of {MODES}, got {self.mode!r}")
+        check_fields("init 'nystrom'", self, choices={"mode": MODES})
 
 
 class NystromInit(Init):
@@ -74,14 +74,7 @@ class NystromInit(Init):
     name = "nystrom"
     Args = NystromArgs
     requires = Cap.FACTORED_BMA
-
-    @classmethod
-    def check_form(cls, form_cls: type[Form]) -> None:
-        if Cap.FACTORED_BMA not in form_cls.caps:
-            raise ValueError(f"init 'nystrom' sets a middle matrix N in ΔW = s·B·N·A, which form "
-                             f"{form_cls.name!r} does not have (it needs capability [factored_bma], as forms "
-                             f"'slora', 'nlora', 'inttune', 'lora_xs'); use form='slora' or form='nlora'")
-        super().check_form(form_cls)
+    purpose = "sets a middle matrix N in ΔW = s·B·N·A"
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         set_nystrom(form, self.args.mode)

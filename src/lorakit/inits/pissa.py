@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form, weight_out_in
 from lorakit.inits.base import Init
 
@@ -31,8 +32,7 @@ class PiSSAArgs:
     niter: int = 0  # 0: exact SVD; > 0: randomized SVD with this many subspace iterations
 
     def __post_init__(self) -> None:
-        if self.niter < 0:
-            raise ValueError(f"init 'pissa': niter must be >= 0, got {self.niter}")
+        check_fields("init 'pissa'", self, at_least={"niter": 0})
 
 
 class PiSSAInit(Init):

@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lorakit.core.caps import Cap, describe
+from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form, weight_out_in
 from lorakit.inits.base import Init
 from lorakit.inits.calibration import weight_gradients
@@ -46,11 +47,7 @@ class GradientMaskArgs:
     max_batches: int | None = None  # None: every calibration batch
 
     def __post_init__(self) -> None:
-        if self.accumulate not in ACCUMULATE:
-            raise ValueError(f"shira mask init: accumulate must be one of {list(ACCUMULATE)}, "
-                             f"got {self.accumulate!r}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ValueError(f"shira mask init: max_batches must be >= 1, got {self.max_batches}")
+        check_fields("shira mask init", self, choices={"accumulate": tuple(ACCUMULATE)}, at_least={"max_batches": 1})
 
 
 class _GradientMask(Init):
@@ -59,14 +56,8 @@ class _GradientMask(Init):
     Args = GradientMaskArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD
     requires = Cap.SPARSE_MASK
+    purpose = "sets a sparse mask from scores through the form's select_top(scores)"
     weighted: ClassVar[bool] = False  # score |W ⊙ G| (SNIP) instead of |G|
-
-    @classmethod
-    def check_form(cls, form_cls: type[Form]) -> None:
-        if cls.requires & ~form_cls.caps or not callable(getattr(form_cls, "select_top", None)):
-            raise ValueError(f"init {cls.name!r} sets a sparse mask from scores: it needs form capability "
-                             f"[{describe(cls.requires)}] (select_top(scores)), which form {form_cls.name!r} "
-                             f"lacks (it has [{describe(form_cls.caps)}]); use form 'shira'")
 
     def collect(self, model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any] | None) -> Any:
         grads = weight_gradients(model, layers, batches, reduce=self.args.accumulate, max_batches=self.args.max_batches,

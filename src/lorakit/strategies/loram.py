@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.core.layer import AdaptedLayer
 from lorakit.strategies.base import Strategy
 from lorakit.strategies.loraprune import (
@@ -210,8 +211,7 @@ class LoRAMArgs:
     adapter: str = "default"
 
     def __post_init__(self) -> None:
-        if self.fill not in ("zero", "norm"):
-            raise ValueError(f"loram: fill must be 'zero' or 'norm', got {self.fill!r}")
+        check_fields("loram", self, choices={"fill": ("zero", "norm")})
 
 
 class LoRAM(Strategy):

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.checks import check_fields
 from lorakit.core.layer import AdaptedLayer
 from lorakit.strategies.base import Strategy
 
@@ -275,8 +276,7 @@ class LoRAPruneArgs:
             raise ValueError(f"loraprune: ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.initial_ratio <= self.ratio:
             raise ValueError(f"loraprune: need 0 <= initial_ratio <= ratio, got {self.initial_ratio} and {self.ratio}")
-        if self.prune_freq < 1:
-            raise ValueError(f"loraprune: prune_freq must be >= 1, got {self.prune_freq}")
+        check_fields("loraprune", self, at_least={"prune_freq": 1})
 
 
 class LoRAPrune(Strategy):
