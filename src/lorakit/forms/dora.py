@@ -58,6 +58,7 @@ from torch import nn
 from lorakit.core.caps import Cap
 from lorakit.core.checks import check_common, check_peft_bias
 from lorakit.forms.base import Form
+from lorakit.forms.lora import lora_scaling
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ class DoRA(Form):
 
     @property
     def scaling(self) -> float:
-        r = self.lora_A.shape[0]
-        return self.args.alpha / (math.sqrt(r) if self.args.rslora else r)
+        return lora_scaling(self.args.alpha, self.lora_A.shape[0], self.args.rslora)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -59,6 +59,11 @@ class LoRAArgs:
             raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout}")
 
 
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """s = α/r (LoRA, Eq. 4 of arXiv 2106.09685) or α/√r (rsLoRA, arXiv 2312.03732)."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
 class LoRA(Form):
     name = "lora"
     Args = LoRAArgs
@@ -85,8 +90,7 @@ class LoRA(Form):
 
     @property
     def scaling(self) -> float:
-        r = self.lora_A.shape[0]
-        return self.args.alpha / (math.sqrt(r) if self.args.rslora else r)
+        return lora_scaling(self.args.alpha, self.lora_A.shape[0], self.args.rslora)
 
     def reset_parameters(self) -> None:
         if self.layer_kind == "embedding" and not self.args.freeze_A:
