@@ -165,10 +165,13 @@ def test_stacked_source_beside_forms_and_removal_restores_the_module():
     with torch.no_grad():
         x = torch.randn(3, 6, lin.in_features)
         plain = lin(x)
-        # no context: the stack adds nothing; weights in the context (no names) select its experts
+        # no context, or one addressing something else: the stack adds nothing
         torch.testing.assert_close(model.get_submodule(path)(x), plain)
         w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-        with use_context(AdapterContext(weights=w)):
+        for other in (AdapterContext(weights=w), AdapterContext(weights=w, target="serving")):
+            with use_context(other):
+                torch.testing.assert_close(model.get_submodule(path)(x), plain)
+        with use_context(AdapterContext(weights=w, target="test")):  # addressed by its key
             got = model.get_submodule(path)(x)
         want = plain + torch.stack([x[n] @ sum(w[n, e] * source.expert_delta(e) for e in range(2)).T
                                     for n in range(3)])

@@ -11,10 +11,12 @@ every :class:`~lorakit.core.layer.AdaptedLayer` reads it:
 - routers' gates compute their weights from the layer input and may read ``extras`` (task ids);
 - diffusion pipelines put the timestep and region masks into ``extras``.
 
-``ids`` index ``names`` for the layer's own adapters (or a source's slots for a stacked/paged bank);
-an id < 0 means "no adapter" (the base output). The context lives in a ``ContextVar``, so threads
-and nested calls see their own. Gradient checkpointing re-runs forwards during backward, outside the
-``with`` block: do not combine a context with checkpointed recomputation.
+``ids`` and ``weights`` address the layer's own adapters (``names``), or, with ``target`` set, the delta
+source installed under that key (``core.sources.add_source``: a stacked bank's entries); an id < 0
+means "no adapter" (the base output). The serving engine's slot ids travel with its ``plan``.
+The context lives in a ``ContextVar``, so threads and nested calls see their own. Gradient checkpointing
+re-runs forwards during backward, outside the ``with`` block: do not combine a context with checkpointed
+recomputation.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class AdapterContext:
     """What the adapted layers read during one forward (see the module docstring)."""
 
     names: tuple[str | None, ...] | None = None
+    target: str | None = None  # a source key: ids/weights address that source's entries instead of names
     ids: torch.Tensor | None = None  # [N] per row or [N, T] per token, long; < 0 = base only
     weights: torch.Tensor | None = None  # [..., E] over ``names`` (or a source's entries)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +52,8 @@ class AdapterContext:
     def __post_init__(self) -> None:
         if self.names is not None:
             self.names = tuple(self.names)
+            if self.target is not None:
+                raise ContextError("a context addresses either adapter names or a source (target), not both")
         if self.ids is not None:
             self.ids = torch.as_tensor(self.ids).long()
             if self.ids.dim() not in (1, 2):

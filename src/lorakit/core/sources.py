@@ -31,7 +31,10 @@ from lorakit.core.context import AdapterContext
 
 
 class DeltaSource(nn.Module):
-    """A bank of adapter updates inside an AdaptedLayer (see the module docstring)."""
+    """A bank of adapter updates inside an AdaptedLayer (see the module docstring). ``key`` is the name
+    it is installed under (``add_source``); a context with ``target == key`` addresses it."""
+
+    key: str | None = None
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
         """``out`` plus this source's update of ``x`` for the current context (may be ``out`` itself)."""
@@ -43,7 +46,8 @@ class StackedLoRA(DeltaSource):
 
     ΔW_e = s_e·B_e·A_e (zero-padded ranks are exact). Weights per position come from ``gate(x, ctx)``
     when a gate module is set (None from the gate: no update), else from the context
-    (``AdapterContext.mixing_weights``: weights, or one-hot ids). ``mode`` is "delta" (Σ_e w_e ΔW_e x)
+    (``AdapterContext.mixing_weights``: weights, or one-hot ids) when the context targets this source's
+    key. ``mode`` is "delta" (Σ_e w_e ΔW_e x)
     or "factors" ((Σ w_e s_e B_e)(Σ w_e A_e) x); see ``core.batched``.
     """
 
@@ -78,8 +82,10 @@ class StackedLoRA(DeltaSource):
     def add_delta(self, x: torch.Tensor, out: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
         if self.gate is not None:
             g = self.gate(x, ctx)
+        elif ctx is not None and ctx.target is not None and ctx.target == self.key:
+            g = ctx.mixing_weights(x, self.num_experts)
         else:
-            g = None if ctx is None or ctx.names is not None else ctx.mixing_weights(x, self.num_experts)
+            g = None
         if g is None:
             return out
         return out + self.mix(x, g).to(out.dtype)
@@ -102,6 +108,7 @@ def add_source(model: nn.Module, path: str, key: str, source: DeltaSource) -> nn
     layer = _wrapped(model, path)
     if key in layer.sources:
         raise ValueError(f"{path}: a source {key!r} is already installed; remove it first")
+    source.key = key
     layer.sources[key] = source
     return layer
 

@@ -427,7 +427,7 @@ class ServingEngine:
         keep = {"logits_to_keep": last[:, None].to(self.device)} if self._keep_logits else {}
         self.ctx.set_rows(slots, q)
         try:
-            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan)):
+            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan, target=SERVING_SOURCE)):
                 out = self.model(input_ids=ids.to(self.device),
                                  attention_mask=attention_mask_for(self.model, plan.mask),
                                  position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, **keep)
@@ -454,7 +454,7 @@ class ServingEngine:
         self.ctx.set_rows(slots, tokens_per_row)
         try:
             keep = {"logits_to_keep": 1} if self._keep_logits else {}
-            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan)):
+            with use_context(AdapterContext(ids=slots, plan=self.ctx.plan, target=SERVING_SOURCE)):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                  use_cache=True, **keep)
         finally:
