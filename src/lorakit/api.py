@@ -25,9 +25,9 @@ from lorakit.core.inject import (
     specs,
 )
 from lorakit.core.layer import AdaptedLayer, set_initial_tensors
-from lorakit.core.spec import AdapterSpec
-from lorakit.core.state import AdapterState, BaseMismatchError, check_base
-from lorakit.forms.base import layer_kind, skip_init
+from lorakit.core.spec import AdapterSpec, build_args
+from lorakit.core.state import AdapterState, BaseMismatchError, check_base, check_state
+from lorakit.forms.base import layer_dims, layer_kind, skip_init
 from lorakit.inits.base import initialize
 from lorakit.io.export import original_base_state
 from lorakit.io.peft import load_state, save_state
@@ -95,10 +95,14 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
         problems.append(f"module(s) {not_linear[:3]} are not Linear/Conv1D/Conv2d/Embedding layers")
     if problems:
         raise BaseMismatchError(f"{where}: adapter does not fit this model: " + "; ".join(problems))
+    check_state(state, where)  # dtypes and rank bounds that need no model (states built in memory too)
+    problems += _oversized(cls, state, model, paths)
+    if problems:  # before build_forms: a config asking for r = 10**9 must not allocate r-sized tensors
+        raise BaseMismatchError(f"{where}: adapter does not fit this model: " + "; ".join(problems[:5]))
     try:
         with skip_init():  # every saved tensor is loaded below: no form runs its init (SVD, LU, ...)
             forms = build_forms(model, state.spec, paths)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError, RuntimeError) as e:  # RuntimeError: e.g. a seed torch rejects
         raise BaseMismatchError(f"{where}: {e}") from e
     initial_by_module = dataclasses.replace(state, tensors=state.initial).by_module() if state.initial else {}
     for path, form in forms.items():
@@ -111,6 +115,10 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
             if tuple(got[tname].shape) != tuple(ref.shape):
                 problems.append(f"{path}.{tname}: shape {tuple(got[tname].shape)} in the file, "
                                 f"{tuple(ref.shape)} expected by the model")
+            elif (got[tname].is_floating_point() != ref.is_floating_point() or got[tname].is_complex()
+                  or (got[tname].dtype == torch.bool) != (ref.dtype == torch.bool)):
+                # a cast would silently turn ints/bools into weights (or truncate floats into indices)
+                problems.append(f"{path}.{tname}: dtype {got[tname].dtype} in the file, {ref.dtype} expected")
         if not problems:
             initial = initial_by_module.get(path)
             if initial is not None:  # a base-rewriting init: the form remembers where it started
@@ -140,6 +148,37 @@ def apply_state(model: nn.Module, state: AdapterState, name: str = "default", *,
     for path, form in forms.items():  # redo the init's base rewrite W ← W − ΔW0 on the original base
         model.get_submodule(path).rewrite_base(form)
     return model
+
+
+# A config may ask for at most this many times the values its file holds per module (or PREBUILD_FLOOR
+# values) before build_forms allocates anything; beyond, config and tensors cannot match.
+PREBUILD_FACTOR = 8
+PREBUILD_FLOOR = 1 << 20
+
+
+def _oversized(cls: type, state: AdapterState, model: nn.Module, paths: list[str]) -> list[str]:
+    """Modules whose config asks for far more trainable values than the file holds for them (every form
+    saves its trainable tensors, so a larger count means config and tensors disagree), computed from the
+    closed-form ``num_trainable`` before anything is allocated."""
+    shared = sum(t.numel() for t in state.shared_tensors().values())
+    by_module = state.by_module()
+    out = []
+    for path in paths:
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        try:
+            args = build_args(cls.Args, state.spec.args_for(path), owner=f"form {cls.name!r}")
+            need = cls.num_trainable(*layer_dims(base), args)
+        except (ValueError, TypeError, NotImplementedError, OverflowError) as e:
+            out.append(f"{path}: {e}")
+            continue
+        held = sum(t.numel() for t in by_module[path].values()) + shared
+        # only a config far beyond the file is refused here (a small mismatch gets the exact per-tensor
+        # shape message after build_forms); the margin keeps that build cheap relative to the file
+        if need > max(PREBUILD_FACTOR * held, PREBUILD_FLOOR):
+            out.append(f"{path}: the config ({state.spec.args_for(path)}) makes {need} trainable values on this "
+                       f"layer but the file holds {held}")
+    return out
 
 
 def load(model: nn.Module, adapter_dir: str | Path, name: str = "default", *,

@@ -18,6 +18,18 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "bad input" (adapter files, method names, values): exit 2 with one line, no traceback.
+    AdapterFileError and BaseMismatchError are ValueErrors; UnknownMethodError is a KeyError."""
+    from lorakit.core.registry import UnknownMethodError
+
+    return (ValueError, UnknownMethodError, FileNotFoundError)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
     """k=v pairs; values parsed as JSON when possible (numbers, booleans, lists), else strings."""
     out: dict[str, Any] = {}
@@ -109,8 +121,12 @@ def train(
     seed: Annotated[int, typer.Option(help="seed for data order and adapter init")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     out: Annotated[Path, typer.Option(help="run dir")] = Path("runs/train"),
+    allow_config_change: Annotated[bool, typer.Option(
+        help="resume although the config differs from the checkpointed run's (recorded in train_spec.json)",
+    )] = False,
 ) -> None:
-    """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one.
+    """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one (a resume with
+    another config is refused, listing the differences, unless --allow-config-change).
 
     --rank/--alpha/--dropout/--rslora fill only the forms that have r/alpha/...
     (an explicit one for a form without it is an error); --form-arg r=.. wins.
@@ -165,7 +181,8 @@ def train(
     tc = TrainConfig(steps=cli["steps"], batch_size=cli["batch_size"], grad_accum=cli["grad_accum"], lr=cli["lr"],
                      weight_decay=cli["weight_decay"], warmup_steps=cli["warmup_steps"], schedule=cli["schedule"],
                      max_grad_norm=cli["max_grad_norm"] or None, eval_every=cli["eval_every"],
-                     save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]))
+                     save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]),
+                     allow_config_change=bool(cli["allow_config_change"]))
     train_spec = TrainSpec.for_run(strategies, tc, init=spec.init, init_args=init_args, seed=cli["seed"],
                                    data=str(cli["data"]))
     try:
@@ -311,8 +328,8 @@ def evaluate(
     try:
         metrics = evaluate_adapter(adapter, data=data, model=model, head=head, n_eval=n_eval,
                                    max_length=max_length, seed=seed)
-    except (RunSetupError, AdapterFileError, FileNotFoundError) as e:
-        _fail(str(e))
+    except (RunSetupError, AdapterFileError, *_user_errors()) as e:
+        _fail(_one_line(e))
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -336,7 +353,10 @@ def generate(
     torch.manual_seed(seed)
     base, tok = load_model(model)
     if adapter is not None:
-        lorakit.load(base, adapter)
+        try:
+            lorakit.load(base, adapter)
+        except _user_errors() as e:
+            _fail(_one_line(e))
     text = prompt
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -411,8 +431,8 @@ def inspect(adapter_dir: Annotated[Path, typer.Argument(help="adapter folder (lo
 
     try:
         state = load_state(adapter_dir)
-    except AdapterFileError as e:
-        _fail(str(e))
+    except (AdapterFileError, *_user_errors()) as e:
+        _fail(_one_line(e))
     by_module = state.by_module()
     typer.echo(f"adapter:  {adapter_dir}")
     typer.echo(f"form:     {state.spec.form}  args={state.spec.form_args}")
@@ -446,13 +466,17 @@ _TRAINER_SHOWN = ("steps", "batch_size", "grad_accum", "lr", "schedule", "warmup
 def _read_train_spec(run_dir: Path) -> Any:
     """The run's TrainSpec from ``train_spec.json`` (or ``summary.json``), None when the folder has neither."""
     from lorakit.core.spec import TrainSpec
+    from lorakit.core.state import AdapterFileError, read_json
 
     for name, key in (("train_spec.json", None), ("summary.json", "train_spec")):
         path = run_dir / name
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, finite=False)  # the adapter folder's rules: regular file, size and depth caps
+        except AdapterFileError as e:
+            _fail(f"{path}: not a valid training spec ({_one_line(e).removeprefix(f'{path}: ')})")
+        try:
             data = data.get(key) if key else data
             if data:
                 return TrainSpec.from_dict(data)
@@ -474,10 +498,13 @@ def export(
     from lorakit.io.peft import save_state
     from lorakit.models import load_model
 
-    base, _ = load_model(model)
-    lorakit.load(base, adapter_dir)
-    state, report = export_lora(base, "default", rank)
-    save_state(state, out)
+    try:
+        base, _ = load_model(model)
+        lorakit.load(base, adapter_dir)
+        state, report = export_lora(base, "default", rank)
+        save_state(state, out)
+    except _user_errors() as e:
+        _fail(_one_line(e))
     worst = max(report.per_module.items(), key=lambda kv: kv[1])
     typer.echo(f"exported {len(report.per_module)} modules at rank {rank} to {out}: relative error "
                f"{report.relative_error:.3e} overall, worst {worst[1]:.3e} ({worst[0]})")
@@ -508,7 +535,7 @@ def merge_adapters(
     try:
         state = merge(adapters, method, w, progress=True, **args)
     except (AdapterFileError, UnknownMethodError, ValueError, TypeError) as e:
-        _fail(str(e))
+        _fail(_one_line(e))
     save_state(state, out)
     typer.echo(f"{summary(state)} -> {out}")
 
@@ -533,15 +560,39 @@ def serve(
     kv: Annotated[str, typer.Option(help="KV cache: 'dense' (padded batch) or 'paged'")] = "dense",
     unified_budget_mb: Annotated[int | None, typer.Option(
         help="one budget for adapter and KV pages (S-LoRA unified paging; needs --kv paged)")] = None,
+    kv_budget_mb: Annotated[int, typer.Option(help="KV cache budget in MB (0 = unbounded)")] = 1024,
+    max_model_len: Annotated[int | None, typer.Option(help="context length served (default: the model's)")] = None,
+    max_loras: Annotated[int | None, typer.Option(help="most adapters loaded at once")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LORAKIT_API_KEY)")] = None,
+    enable_lora_loading: Annotated[bool, typer.Option(
+        help="allow runtime /v1/load_lora_adapter and /v1/unload_lora_adapter")] = False,
+    allowed_origin: Annotated[list[str] | None, typer.Option(
+        help="browser Origin allowed to call the server (repeatable; default: none)")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="Host header served (repeatable; default: loopback names when bound to loopback)")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body, in MB")] = 2.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: $LORAKIT_THREADS or torch's)")] = None,
 ) -> None:
     """OpenAI-compatible multi-adapter server (needs the `serving` extra); "model" = adapter name."""
     from lorakit.serving.server import main as serve_main
 
     argv = ["--host", host, "--port", str(port), "--budget-mb", str(budget_mb), "--max-batch", str(max_batch),
-            "--kv", kv]
+            "--kv", kv, "--kv-budget-mb", str(kv_budget_mb), "--max-body-mb", str(max_body_mb)]
     if unified_budget_mb is not None:
         argv += ["--unified-budget-mb", str(unified_budget_mb)]
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
+    if max_loras is not None:
+        argv += ["--max-loras", str(max_loras)]
+    if api_key:
+        argv += ["--api-key", api_key]
+    if enable_lora_loading:
+        argv += ["--enable-lora-loading"]
+    for o in allowed_origin or []:
+        argv += ["--allowed-origin", o]
+    for h in allowed_host or []:
+        argv += ["--allowed-host", h]
     if threads is not None:
         argv += ["--threads", str(threads)]
     if model:

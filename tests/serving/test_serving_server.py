@@ -43,7 +43,7 @@ def served(request, tmp_path_factory):
     paged = request.param == "paged"
     engine = ServingEngine(model, bank, max_batch=4, max_context=64, kv=request.param,
                            unified_budget_bytes=(2 << 20) if paged else None)
-    app = create_app(engine, ByteTokenizer(), adapter_root=root)
+    app = create_app(engine, ByteTokenizer(), adapter_root=root, enable_lora_loading=True)
     with TestClient(app) as client:
         yield client, engine, base, dirs, root
 

@@ -120,8 +120,9 @@ def _generation_dtype() -> torch.dtype:
 
 
 def _ternary(shape: tuple[int, ...], gen: torch.Generator, sparsity: float) -> torch.Tensor:
-    u = torch.rand(shape, generator=gen)
-    out = torch.zeros(shape)
+    # explicit float32: torch.rand in the default dtype would draw other numbers under float64 defaults
+    u = torch.rand(shape, generator=gen, dtype=torch.float32)
+    out = torch.zeros(shape, dtype=torch.float32)
     out[u < 1 / (2 * sparsity)] = -1
     out[u > 1 - 1 / (2 * sparsity)] = 1
     return out
@@ -129,7 +130,8 @@ def _ternary(shape: tuple[int, ...], gen: torch.Generator, sparsity: float) -> t
 
 def make_bases(r: int, largest_out_in: tuple[int, int], key: int, *, sparse: bool = False,
                very_sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared (A (r, 1, d), B (D, N, r)) for the elementwise-largest (out, in) shape, fp32."""
+    """The shared (A (r, 1, d), B (D, N, r)) for the elementwise-largest (out, in) shape, fp32 whatever
+    torch's default dtype (the same key gives the same bases; forms cast them to their own dtype)."""
     big, small = max(largest_out_in), min(largest_out_in)
     n = num_bases(small, r)
     gen = torch.Generator(device="cpu").manual_seed(int(key))
@@ -196,8 +198,10 @@ class RandLoRA(Form):
         largest = (max(f.out_features for f in forms.values()), max(f.in_features for f in forms.values()))
         a, b = make_bases(args.r, largest, args.projection_prng_key, sparse=args.sparse,
                           very_sparse=args.very_sparse)
-        device = first.randlora_lambda.device
-        return SharedTensors({"randlora_A": a.to(device), "randlora_B": b.to(device)},
+        # the bases take the trainable tensors' dtype (torch's default when the forms were built, e.g.
+        # float64): a float32 basis times float64 λ/γ would fail in the matmuls
+        device, dtype = first.randlora_lambda.device, first.randlora_lambda.dtype
+        return SharedTensors({"randlora_A": a.to(device, dtype), "randlora_B": b.to(device, dtype)},
                              saved=args.save_projection, layer_copies=args.peft_layer_copies)
 
     def _bases(self) -> SharedTensors:

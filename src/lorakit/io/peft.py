@@ -10,11 +10,17 @@ subfolders (PEFT saves adapter ``name`` under ``<dir>/<name>/``).
 files are written and read by ``lorakit.core.state``; this module adds the PEFT config on top).
 Full copies (``modules_to_save``) are stored as PEFT does, ``base_model.model.<module path>.<param>``,
 and listed in the config; ``task_type`` follows the model class recorded in the base fingerprint.
+
+A PEFT folder is untrusted input: files are read as ``core.state`` reads them (regular files only, size
+and depth caps), and every config field lorakit uses is type-checked before the form's
+``args_from_peft`` converts it (``int("5")``/``bool("false")`` would otherwise accept nonsense).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -31,6 +37,10 @@ from lorakit.core.state import (
     PEFT_CONFIG_FILE,
     AdapterFileError,
     AdapterState,
+    check_form_args,
+    check_regex,
+    check_state,
+    check_str_list,
     is_saved_module_key,
     read_json,
     read_state,
@@ -159,26 +169,87 @@ def peft_config(state: AdapterState, base_model_name: str | None = None) -> dict
     return config
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# PEFT config fields lorakit reads -> (check, what it must be). Checked on the raw JSON because the
+# forms' args_from_peft convert with int()/float()/bool(), which accept strings, floats and anything truthy.
+_PEFT_FIELDS: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "bias": (lambda v: v is None or isinstance(v, str), "a string"),
+    "init_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "mini_r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "projection_prng_key": (_is_int, "an integer"),
+    "random_seed": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "randlora_alpha": (_is_number, "a finite number"),
+    **{k: (lambda v: v is None or _is_number(v), "a finite number or null")
+       for k in ("lora_dropout", "randlora_dropout", "miss_dropout", "bone_dropout")},
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode", "sparse",
+                 "very_sparse", "save_projection")},
+}
+
+
+def check_peft_config(config: dict[str, Any], where: Path) -> None:
+    """Types of the fields lorakit reads from ``adapter_config.json`` (``where``); AdapterFileError naming
+    the file and the field. Fields lorakit does not read are left alone (PEFT adds new ones often)."""
+    def bad(field: str, value: Any, what: str) -> AdapterFileError:
+        shown = repr(value)
+        return AdapterFileError(f"{where}: field {field!r} must be {what}, got "
+                                f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
+
+    for field, (ok, what) in _PEFT_FIELDS.items():
+        if field in config and not ok(config[field]):
+            raise bad(field, config[field], what)
+    if not config.get("peft_type"):
+        raise AdapterFileError(f"{where}: missing required field 'peft_type'")
+    if config.get("target_modules") is None:
+        raise AdapterFileError(f"{where}: missing required field 'target_modules'")
+    targets = config["target_modules"]
+    check_str_list(targets, where, "target_modules", allow_str=True,
+                   regex=isinstance(targets, str) and targets != "all-linear")
+    for field in ("modules_to_save", "exclude_modules"):
+        if config.get(field) is not None:
+            check_str_list(config[field], where, field, allow_str=field == "exclude_modules")
+    for field, check in (("rank_pattern", lambda v: _is_int(v) and v >= 1),
+                         ("alpha_pattern", _is_number)):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise bad(field, patterns, "an object (module regex -> value)")
+        for pattern, value in patterns.items():
+            check_regex(pattern, where, field)
+            if not check(value):
+                raise bad(f"{field}.{pattern}", value,
+                          "an integer >= 1" if field == "rank_pattern" else "a finite number")
+
+
 def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> AdapterState:
     """Translate a PEFT config + tensors into an AdapterState."""
+    check_peft_config(config, where / PEFT_CONFIG_FILE)
     peft_type = config.get("peft_type")
-    if not peft_type:
-        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'peft_type'")
     try:
         cls = form_for_peft_type(str(peft_type).upper(), config)
     except AdapterFileError as e:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: {e}") from e
     try:
         form_args = cls.args_from_peft(config)
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: {e}") from e
-    targets = config.get("target_modules")
-    if targets is None:
-        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: missing required field 'target_modules'")
+    check_form_args(cls, form_args, where / PEFT_CONFIG_FILE, "form args")
+    targets = config["target_modules"]
     to_save = config.get("modules_to_save") or []
-    if isinstance(to_save, str) or not all(isinstance(n, str) for n in to_save):
-        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: modules_to_save must be a list of module names, "
-                               f"got {to_save!r}")
     out, saved, base_layers = {}, {}, {}
     for key, tensor in tensors.items():
         if key.removeprefix(MODEL_KEY_PREFIX) in cls.shared_names:  # model-level, shared by all layers
@@ -213,8 +284,10 @@ def state_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
     meta = {"peft_target_modules": targets, "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             "task_type": config.get("task_type"), "source": "peft"}
     base = {"name_or_path": config.get("base_model_name_or_path")}
-    return AdapterState(spec=spec, tensors=out, base=base, meta=meta, saved_modules=saved,
-                        base_layers=base_layers)
+    state = AdapterState(spec=spec, tensors=out, base=base, meta=meta, saved_modules=saved,
+                         base_layers=base_layers)
+    check_state(state, where)
+    return state
 
 
 def _module_args_from_peft(cls: type[Form], config: dict[str, Any], form_args: dict[str, Any],
@@ -267,10 +340,13 @@ def load_state(adapter_dir: str | Path) -> AdapterState:
     d = Path(adapter_dir)
     if not d.is_dir():
         raise AdapterFileError(f"{d}: adapter folder not found")
-    if (d / LORAKIT_FILE).exists():
+    # lexists: a dangling or hostile symlink is still this folder's file and is refused by the reader
+    if os.path.lexists(d / LORAKIT_FILE):
         return read_state(d)
-    if (d / PEFT_CONFIG_FILE).exists():
-        return state_from_peft(read_json(d / PEFT_CONFIG_FILE), read_tensors(d), d)
+    if os.path.lexists(d / PEFT_CONFIG_FILE):
+        config = read_json(d / PEFT_CONFIG_FILE)
+        check_peft_config(config, d / PEFT_CONFIG_FILE)  # before the tensors are read at all
+        return state_from_peft(config, read_tensors(d), d)
     raise AdapterFileError(f"{d}: neither {LORAKIT_FILE} nor {PEFT_CONFIG_FILE} found; not an adapter folder")
 
 
@@ -280,10 +356,11 @@ def load_adapter_dirs(root: str | Path) -> dict[str, AdapterState]:
     if not root.is_dir():
         raise AdapterFileError(f"{root}: adapter folder not found")
     found: dict[str, AdapterState] = {}
-    if (root / LORAKIT_FILE).exists() or (root / PEFT_CONFIG_FILE).exists():
+    if os.path.lexists(root / LORAKIT_FILE) or os.path.lexists(root / PEFT_CONFIG_FILE):
         found["default"] = load_state(root)
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (sub / LORAKIT_FILE).exists() or (sub / PEFT_CONFIG_FILE).exists():
+    # symlinked subfolders are not followed: they could lead anywhere on the machine
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        if os.path.lexists(sub / LORAKIT_FILE) or os.path.lexists(sub / PEFT_CONFIG_FILE):
             found[sub.name] = load_state(sub)
     if not found:
         raise AdapterFileError(f"{root}: no adapter (adapter_config.json or lorakit.json) here or in subfolders")

@@ -149,6 +149,9 @@ class Request:
     logits: list[torch.Tensor] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    # with finish_reason "error": the HTTP status that fits (400: the request can never run on this server,
+    # 404: its adapter was unloaded, 500: an engine or server-side failure); a retry cannot fix any of them
+    error_status: int = 500
     _generator: torch.Generator | None = None
     _slot: int = -1
 
@@ -250,6 +253,21 @@ class ServingEngine:
             self._finish(req, "cancelled", in_batch=False)
         else:
             self._cancelled.add(request_id)
+
+    def users_of(self, name: str) -> tuple[int, int]:
+        """(running, queued) requests for adapter ``name``."""
+        running = sum(1 for r in self.rows if r.adapter == name and not r.finished)
+        return running, sum(1 for r in self.queue if r.adapter == name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` from the bank; refused (``AdapterBankError``) while running or QUEUED
+        requests use it, so a queued request never fails because its adapter went away."""
+        self.bank._get(name)
+        running, queued = self.users_of(name)
+        if running or queued:
+            raise AdapterBankError(f"adapter {name!r} is in use by {running} running and {queued} queued "
+                                   "request(s); unload it when they have finished")
+        self.bank.remove(name)
 
     @property
     def idle(self) -> bool:
@@ -361,6 +379,7 @@ class ServingEngine:
                 if not self.rows and not joiners:
                     self.queue.popleft()
                     req.error = "request needs more KV-cache memory than the whole budget"
+                    req.error_status = 400
                     self._finish(req, "error", in_batch=False)
                     continue
                 break
@@ -375,7 +394,7 @@ class ServingEngine:
                 break  # wait until a running request releases its adapter
             except AdapterBankError as e:  # removed since submit
                 self.queue.popleft()
-                req.error = str(e)
+                req.error, req.error_status = str(e), 404
                 self._finish(req, "error", in_batch=False)
                 continue
             joiners.append(self.queue.popleft())
@@ -389,6 +408,7 @@ class ServingEngine:
             try:
                 why = self._over_budget(req)
                 if why is not None:
+                    req.error_status = 400
                     raise AdapterBankError(why)
                 req._slot = self.bank.acquire(req.adapter)
             except BankFullError as e:
@@ -401,6 +421,8 @@ class ServingEngine:
             except AdapterBankError as e:  # over the whole budget, or removed since submit
                 self.queue.popleft()
                 req.error = str(e)
+                if req.error_status != 400:
+                    req.error_status = 404
                 self._finish(req, "error", in_batch=False)
                 continue
             if not self._reserve_kv(req):
@@ -409,6 +431,7 @@ class ServingEngine:
                     break
                 self.queue.popleft()
                 req.error = "request's KV pages do not fit in the budget (pinned adapters hold the rest)"
+                req.error_status = 400
                 self._finish(req, "error", in_batch=False)
                 continue
             joiners.append(self.queue.popleft())

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.core import atomic
+
 COMPLETE = "trainer_state.json"
 
 
@@ -40,14 +42,19 @@ def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], o
                     scheduler: Any, trainer_state: dict[str, Any], strategies: dict[str, Any],
                     rng_per_rank: list[dict[str, Any]], keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_checkpoints(root)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    # the pid in the name lets a later run tell a killed save's leftovers from a live one's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=root))
     try:
+        os.chmod(tmp, atomic.dir_mode())  # mkdtemp makes 0700; a checkpoint is a normal folder
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "params.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "strategies": strategies}, tmp / "optim.pt")
         torch.save(rng_per_rank, tmp / "rng.pt")
         (tmp / COMPLETE).write_text(json.dumps(trainer_state, indent=2, default=str))
+        for f in tmp.iterdir():  # safetensors' save_file creates 0600 files whatever the umask
+            os.chmod(f, atomic.file_mode())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -57,6 +64,15 @@ def save_checkpoint(root: Path, step: int, *, params: dict[str, torch.Tensor], o
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_checkpoints(root: Path) -> list[Path]:
+    """Remove the ``.step-*`` temp folders that killed runs left in ``root`` (their writer's pid is gone,
+    or they are older than ``atomic.STALE_AFTER_S``); the removed paths."""
+    if not root.is_dir():
+        return []
+    names = tuple(sorted({p.name[1:].split(".")[0] for p in root.glob(".step-*")}))
+    return atomic.remove_stale(root, names) if names else []
 
 
 def list_checkpoints(root: Path) -> list[Path]:

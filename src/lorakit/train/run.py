@@ -12,7 +12,7 @@ from lorakit.core import atomic
 from lorakit.core.spec import AdapterSpec, TrainSpec
 from lorakit.strategies.base import Strategy
 from lorakit.train.objectives import make_objective
-from lorakit.train.trainer import TrainConfig, Trainer
+from lorakit.train.trainer import ResumeConfigError, TrainConfig, Trainer
 
 
 def load_data(data: str, *, seed: int = 0, n_train: int | None = None, n_eval: int | None = None,
@@ -119,7 +119,10 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
     train_spec = dataclasses.replace(train_spec, trainer={**dataclasses.asdict(config), "objective": run_info})
     trainer = Trainer(base, task.train, objective.collate, objective.loss, config,
                       eval_fn=objective.evaluate, strategies=strategies or [], train_spec=train_spec)
-    result = trainer.train(resume=True)
+    try:
+        result = trainer.train(resume=True)
+    except ResumeConfigError as e:  # a resume with another config than the checkpointed run's (CLI: exit 2)
+        raise RunSetupError(str(e)) from e
     summary: dict[str, Any] = {
         "metric_name": objective.metric_name,
         "metric_before": result.eval_before.get(objective.metric_name),
@@ -141,7 +144,7 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
         "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
         "spec": spec.to_dict(),
         "train_config": dataclasses.asdict(config),
-        "train_spec": train_spec.to_dict(),
+        "train_spec": trainer.train_spec.to_dict(),  # with the history of deliberate config changes, if any
         "adapter_dir": str(out),
     }
     if trainer.is_main:

@@ -35,6 +35,57 @@ from lorakit.train.schedule import SCHEDULES, lr_multiplier
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
+# trainer config fields that may change between a run and its resume without changing what is trained
+RESUME_NEUTRAL = frozenset({"out_dir", "progress", "eval_every", "eval_at_start", "save_every", "keep_checkpoints",
+                            "log_every", "allow_config_change", "config_changes"})
+
+
+class ResumeConfigError(ValueError):
+    """A resume whose config differs from the one the checkpointed run was trained with."""
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def _catalog_strategy(name: Any) -> bool:
+    from lorakit.core import registry
+
+    return isinstance(name, str) and name in registry.names("strategy")
+
+
+def spec_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{field: [recorded, now]}`` for every field of two ``TrainSpec.to_dict()`` records that changes what
+    is trained (not logging, eval or checkpoint cadence, the out_dir or the lorakit version).
+
+    Strategies are compared by the catalog's (registered) ones with their args; ad-hoc hook objects that
+    are not in the catalog (a progress logger, a test's kill switch) are not part of the comparison."""
+    def view(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        trainer = {k: v for k, v in (d.get("trainer") or {}).items() if k not in RESUME_NEUTRAL}
+        _flat("", trainer, out)
+        strategies = [s for s in d.get("strategies") or []
+                      if _catalog_strategy(s.get("name") if isinstance(s, dict) else s[0])]
+        out["strategies"] = [s.get("name") if isinstance(s, dict) else s[0] for s in strategies]
+        for s in strategies:
+            name, args = (s.get("name"), s.get("args")) if isinstance(s, dict) else s
+            _flat(f"strategy.{name}", args or {}, out)
+        for k in ("init", "init_args", "seed", "data"):
+            _flat(k, d.get(k), out)
+        return out
+
+    a, b = view(old), view(new)
+    # a strategy added or removed is reported once (in "strategies"), not field by field
+    one_sided = set(a["strategies"]) ^ set(b["strategies"])
+    missing = object()
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b), key=str)
+            if not (k.startswith("strategy.") and k.split(".")[1] in one_sided)
+            and json.dumps(a.get(k, missing), default=str) != json.dumps(b.get(k, missing), default=str)}
+
 
 @dataclass
 class TrainConfig:
@@ -57,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str | None = None
     progress: bool = True
+    allow_config_change: bool = False  # resume a run whose recorded config differs (the change is recorded)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -115,6 +167,8 @@ class Trainer:
         self.param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._build_optimizer()
         self.context = TrainingContext(self)  # what strategy hooks see: not the whole trainer
+        self._previous_spec: dict[str, Any] | None = None
+        self._history: list[dict[str, Any]] = []
 
     # -- set-up ----------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
@@ -149,7 +203,7 @@ class Trainer:
         path = None
         if self.is_main and self.out_dir is not None:
             state = {"step": self.step, "config": dataclasses.asdict(self.config),
-                     "world_size": self.accelerator.num_processes}
+                     "world_size": self.accelerator.num_processes, "train_spec": self.train_spec.to_dict()}
             path = ckpt.save_checkpoint(self.out_dir / "checkpoints", self.step, params=self._trainable_state(),
                                         optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
                                         strategies={s.name: s.state_dict() for s in self.strategies},
@@ -174,6 +228,7 @@ class Trainer:
             raise ValueError(f"{path}: strategy {blocking} cannot resume a run (declared resumable = False); "
                              "start a new run in another out_dir or remove the checkpoints")
         data = ckpt.load_checkpoint(path)
+        changes = self._check_config(path, data["trainer_state"])
         saved_world = data["trainer_state"].get("world_size", 1)
         if saved_world != self.accelerator.num_processes:
             raise ValueError(f"{path}: checkpoint was written by {saved_world} processes, resuming with "
@@ -198,7 +253,67 @@ class Trainer:
             s.load_state_dict(data["strategies"].get(s.name, {}))
         ckpt.set_rng_state(data["rng"][self.accelerator.process_index])
         self.step = int(data["trainer_state"]["step"])
+        if changes:
+            self._apply_changes(changes)
+            self._history.append({"step": self.step, "changes": changes})
         return self.step
+
+    def _recorded_spec(self, trainer_state: dict[str, Any]) -> dict[str, Any]:
+        """The spec the checkpointed run was trained with: the checkpoint's own record, else the run dir's
+        ``train_spec.json`` as it was before this run, else a spec from the checkpoint's trainer config."""
+        if isinstance(trainer_state.get("train_spec"), dict):
+            return trainer_state["train_spec"]
+        if self._previous_spec is not None:
+            return self._previous_spec
+        config = trainer_state.get("config") or {}
+        return TrainSpec.for_run(self.strategies, config).to_dict() | {"strategies": None} if config else {}
+
+    def _check_config(self, path: Path, trainer_state: dict[str, Any]) -> dict[str, list[Any]]:
+        old = self._recorded_spec(trainer_state)
+        if not old:
+            return {}
+        new = self.train_spec.to_dict()
+        if old.get("strategies") is None:  # an old checkpoint recorded only the trainer config
+            old = {**old, "strategies": new["strategies"], "init": new["init"], "init_args": new["init_args"],
+                   "data": new["data"]}
+        self._history = list((old.get("trainer") or {}).get("config_changes") or [])
+        diff = spec_differences(old, new)
+        if diff and not self.config.allow_config_change:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ResumeConfigError(
+                f"{path}: the run was trained with another config; resuming would mix two runs ({listed}). "
+                "Use the recorded values, another out_dir, or allow_config_change=True "
+                "(lorakit train --allow-config-change) to change them deliberately (the change is recorded)")
+        return diff
+
+    def _apply_changes(self, changes: dict[str, list[Any]]) -> None:
+        """A deliberate change takes effect from the resumed step: the loaded optimizer and scheduler state
+        carry the old lr/betas/weight decay, so the new ones are set here (the schedule's shape and length
+        come from the new config already)."""
+        c = self.config
+        old_lr = changes.get("lr", [c.lr])[0]
+        if "lr" in changes and isinstance(old_lr, (int, float)) and old_lr > 0:
+            ratio = c.lr / old_lr
+            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=False):
+                g["initial_lr"] = base
+        for g, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas,
+                               strict=False):
+            g["lr"] = base * fn(self.scheduler.last_epoch)
+            if any(k.startswith("betas") for k in changes):
+                g["betas"] = tuple(c.betas)
+            if "weight_decay" in changes and g.get("weight_decay") == changes["weight_decay"][0]:
+                g["weight_decay"] = c.weight_decay
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _logged_eval_before(self) -> dict[str, float]:
+        """A resumed run's eval before training: the step-0 eval record of the run's log."""
+        if self.out_dir is None:
+            return {}
+        for r in read_log(self.out_dir / "log.jsonl"):
+            if r.get("step") == 0 and isinstance(r.get("eval"), dict):
+                return {k: float(v) for k, v in r["eval"].items()}
+        return {}
 
     # -- logging ---------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -227,16 +342,28 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def train(self, resume: str | Path | bool = True) -> TrainResult:
         c, acc = self.config, self.accelerator
+        self._previous_spec = None  # the run dir's train_spec.json before this run (what a resume compares with)
+        self._history = []
+        if self.out_dir is not None and (self.out_dir / "train_spec.json").is_file():
+            try:
+                self._previous_spec = json.loads((self.out_dir / "train_spec.json").read_text())
+            except (OSError, ValueError):
+                self._previous_spec = None
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self._resume(resume)  # a refused resume leaves the recorded train_spec.json as it was
+        if resumed is not None and self._history:  # earlier deliberate changes stay in the record
+            self.train_spec = dataclasses.replace(self.train_spec, trainer={**self.train_spec.trainer,
+                                                                            "config_changes": self._history})
+        if self.out_dir is not None and self.is_main:
             atomic.write_json(self.out_dir / "train_spec.json", self.train_spec.to_dict())
-        resumed = self._resume(resume)
+        eval_before: dict[str, float] = {}
         if resumed is not None:
             self._trim_log()
+            eval_before = self._logged_eval_before()
         else:
             torch.manual_seed(c.seed + acc.process_index)
         stream = IndexStream(len(self.train_data), c.seed)
-        eval_before = {}
         if resumed is None and c.eval_at_start:
             eval_before = self.evaluate()
             self._log({"step": 0, "eval": eval_before})
