@@ -132,6 +132,8 @@ def leak_run(base, dirs, n: int, warmup: int) -> dict:
     churn(engine, warmup, seed=1)
     check_idle(engine)
     counts0, rss0, t0 = type_counts(), rss_bytes(), time.perf_counter()
+    # objects other tests of this process still hold (module-scoped engines) are not this run's
+    requests0, events0 = live(Request), live(TokenEvent)
     stats0 = dict(engine.bank.stats)
     b1 = churn(engine, n // 2, seed=2)
     check_idle(engine)
@@ -146,7 +148,7 @@ def leak_run(base, dirs, n: int, warmup: int) -> dict:
            "rss_growth_second_half_mb": (rss2 - rss1) / 2 ** 20,
            "grew_first": {k: counts1[k] - counts0[k] for k in counts1 if counts1[k] - counts0[k] > 8},
            "grew_second": {k: counts2[k] - counts1[k] for k in counts2 if counts2[k] - counts1[k] > 8},
-           "live_requests": live(Request), "live_events": live(TokenEvent),
+           "live_requests": live(Request) - requests0, "live_events": live(TokenEvent) - events0,
            "kv_budget_bytes": engine.kv_budget_bytes, "bank_budget_bytes": engine.bank.budget_bytes,
            "bank_hit_rate": stats["hits"] / max(1, stats["hits"] + stats["uploads"]), **stats, **bounds}
     assert bounds["max_kv_len"] <= MAX_PROMPT + MAX_NEW
@@ -204,6 +206,7 @@ def http_run(base, root, dirs, n: int, warmup: int) -> dict:
         check_idle(engine)
         assert not runner.listeners
         counts0, rss0, t0 = type_counts(), rss_bytes(), time.perf_counter()
+        requests0 = live(Request)  # held by other tests of this process (module-scoped engines), not this run
         errors = ok = 0
         counts = []
         for half in (n // 2, n - n // 2):  # two equal halves: a leak grows in both, a one-off fill only once
@@ -228,7 +231,8 @@ def http_run(base, root, dirs, n: int, warmup: int) -> dict:
     return {"requests": n, "seconds": seconds, "errors": errors, "ok": ok,
             "grew_first_half": {k: v for k, v in first.items() if v > 8},
             "grew_second_half": {k: v for k, v in second.items() if v > 8},
-            "rss_growth_mb": (rss1 - rss0) / 2 ** 20, "grew": grew, "live_requests": live(Request)}
+            "rss_growth_mb": (rss1 - rss0) / 2 ** 20, "grew": grew,
+            "live_requests": live(Request) - requests0}
 
 
 def test_http_200_requests_leave_nothing_behind(adapter_dirs):

@@ -113,7 +113,13 @@ class EngineRunner:
                         if ev.finished:
                             self._forget(ev.request_id)
                 for (loop, queue), ev in deliveries:
-                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, ev)
+                    except RuntimeError:  # the client's event loop is closed: nobody reads; free its row
+                        with self.lock:
+                            if not ev.finished:
+                                self.engine.cancel(ev.request_id)
+                            self._forget(ev.request_id)
 
     def stop(self) -> None:
         self.stopping = True
