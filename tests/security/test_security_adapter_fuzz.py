@@ -250,6 +250,11 @@ def _tensor_attacks(*, checksummed: bool) -> list[tuple[str, Mutation]]:
     ]
 
 
+# Regexes that backtrack for minutes against the module paths (ReDoS) or that the validator refuses as such:
+# nested quantifiers, overlapping alternation under a repeat, a backreference, too many quantifiers, too long.
+REDOS = ["(.*)*Z", "([a-z_.0-9]+)*Z", r"(.|\w)*Z", r"(\w+\.?)+Z", r"(q)\1", ".*.*.*.*.*Z", ".*" + "q" * 2000]
+
+
 def lorakit_cases(marker: Path) -> list[tuple[str, Mutation]]:
     lj = LORAKIT_FILE
     cases = _file_attacks(lj) + _file_attacks(TENSORS_FILE) + _json_attacks(lj) + _tensor_attacks(checksummed=True)
@@ -267,10 +272,11 @@ def lorakit_cases(marker: Path) -> list[tuple[str, Mutation]]:
         "spec.form_args.alpha": [NAN, INF, -INF, "8", [8], True, None],
         "spec.form_args.dropout": [NAN, "0.1", 2.0],
         "spec.form_args.no_such_arg": [1],
-        "spec.targets": [5, None, [1, 2], {"q_proj": 1}, "(unclosed", "a)|(b"],
+        "spec.targets": [5, None, [1, 2], {"q_proj": 1}, "(unclosed", "a)|(b", *REDOS],
         "spec.exclude": ["q_proj", 5, [None]],
         "spec.module_args": [[], "x", {"(": {"r": 4}}, {"q_proj": 4}, {"q_proj": {"r": "4"}},
-                             {"q_proj": {"alpha": NAN}}, {"q_proj": {"r": 10**9}}],
+                             {"q_proj": {"alpha": NAN}}, {"q_proj": {"r": 10**9}},
+                             *({p: {"r": 2}} for p in REDOS)],
         "spec.modules_to_save": ["lm_head", 5, [1]],
         "spec.init": [5, None],
         "spec.init_args": [[], "x"],
@@ -314,11 +320,11 @@ def peft_cases(marker: Path) -> list[tuple[str, Mutation]]:
     cases = _file_attacks(pc) + _file_attacks(TENSORS_FILE) + _json_attacks(pc) + _tensor_attacks(checksummed=False)
     bad_values: dict[str, list[Any]] = {
         "peft_type": [5, None, "", ["LORA"], "NOT_A_TYPE"],
-        "target_modules": [5, None, [1], {"q_proj": 1}, "(unclosed", "a)|(b", True],
+        "target_modules": [5, None, [1], {"q_proj": 1}, "(unclosed", "a)|(b", True, *REDOS],
         "rank_pattern": [["q_proj"], "q_proj", 5, {"(": 4}, {"q_proj": "4"}, {"q_proj": 0}, {"q_proj": 10**9},
-                         {"q_proj": True}, {"q_proj": 4.5}, {"q_proj": NAN}],
+                         {"q_proj": True}, {"q_proj": 4.5}, {"q_proj": NAN}, *({p: 2} for p in REDOS)],
         "alpha_pattern": ["q_proj", [], {"[": 8}, {"q_proj": NAN}, {"q_proj": INF}, {"q_proj": "8"},
-                          {"q_proj": None}],
+                          {"q_proj": None}, *({p: 4.0} for p in REDOS)],
         "r": ["4", 4.5, 0, -3, 10**9, True, None, 2**64, [4]],
         "lora_alpha": [NAN, INF, -INF, "16", [16], True, None],
         "lora_dropout": ["0.1", [], True, NAN, 1.5],

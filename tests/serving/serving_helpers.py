@@ -17,6 +17,23 @@ CONFIGS = {
 }
 
 
+BPE_CORPUS = "héllo wörld 日本語 🎉 naïve café Ωμέγα ü "
+
+
+def byte_bpe_tokenizer(corpus: str = BPE_CORPUS, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained offline on non-ASCII text: its tokens split multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tok.train_from_iterator([corpus * 20], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
 def tiny_base():
     from lorakit.models import tiny_llama
 

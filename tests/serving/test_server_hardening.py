@@ -13,7 +13,7 @@ import random
 import time
 
 import pytest
-from serving_helpers import write_peft_adapters
+from serving_helpers import BPE_CORPUS, byte_bpe_tokenizer, write_peft_adapters
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -24,22 +24,13 @@ from lorakit.serving.detok import IncrementalDecoder, StopMatcher  # noqa: E402
 from lorakit.serving.engine import Request  # noqa: E402
 from lorakit.serving.server import ServerLimits, create_app, scrub_paths  # noqa: E402
 
-CORPUS = "héllo wörld 日本語 🎉 naïve café Ωμέγα ü "
+CORPUS = BPE_CORPUS
 
 
 @pytest.fixture(scope="module")
 def bpe():
     """A byte-level BPE tokenizer trained offline on non-ASCII text: its tokens split multi-byte characters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tok.train_from_iterator([CORPUS * 20], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return byte_bpe_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -531,8 +522,10 @@ def test_hang_ups_over_real_sockets_free_the_rows_and_adapter(world, bpe):
                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             wait_until(lambda: engine.rows)
             s.close()
-        wait_until(lambda: engine.idle and len(seen) == 8)
-        assert all(r.finish_reason == "cancelled" and len(r.tokens) < 60 for r in seen)
+        # seen gets a request just before the engine does: wait for all eight to finish, not only for idle
+        wait_until(lambda: len(seen) == 8 and all(r.finish_reason for r in seen) and engine.idle)
+        assert all(r.finish_reason == "cancelled" and len(r.tokens) < 60 for r in seen), repr([
+            (r.finish_reason, len(r.tokens)) for r in seen])
         assert engine.bank.adapters["a"].in_use == 0 and not app.state.runner.listeners
 
 

@@ -449,14 +449,81 @@ def check_str_list(value: Any, where: Path, field: str, *, allow_str: bool = Fal
             "a string or a list of strings" if allow_str else "a list of strings")
 
 
+MAX_PATTERN_CHARS = 1024  # a module-path regex from a file with quantifiers, longer than this, is refused
+# Without quantifiers a regex cannot backtrack beyond trying each alternative once per position; lorakit itself
+# writes such long ones (PEFT ``target_modules`` ``^(path|path|...)$`` naming every adapted module).
+MAX_LITERAL_PATTERN_CHARS = 1 << 20
+MAX_PATTERN_REPEATS = 3  # repeats (``*``, ``+``, ``{m,n}`` with n > 1) per regex from a file
+
+
+def _regex_hazard(pattern: str) -> str | None:
+    """Why matching ``pattern`` could backtrack badly (ReDoS), or None. Conservative, on the parsed regex:
+    no backreferences or conditionals; a repeated part (``*``, ``+``, ``{m,n}`` with n > 1) holds no
+    repeat, optional part or alternation of its own (``(a+)+``, ``(a|a)*``, ``(a?)+``: exponential); at
+    most MAX_PATTERN_REPEATS repeats in all (``.*.*.*.*.*x`` is polynomial of that degree). The patterns
+    module paths need (``q_proj``, ``.*\\.(q|v)_proj``, ``layers\\.\\d+\\.mlp\\..*``, ``^(?!.*vis).*proj``) pass."""
+    from re import _constants as c  # the stdlib's own parser (what re.compile uses)
+    from re import _parser as sre
+
+    repeat_ops = {c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT}
+    refs = {c.GROUPREF, c.GROUPREF_EXISTS, c.GROUPREF_IGNORE, c.GROUPREF_LOC_IGNORE, c.GROUPREF_UNI_IGNORE}
+    repeats = 0
+
+    def children(op: Any, av: Any) -> list[Any]:
+        if op in repeat_ops:
+            return [av[2]]
+        if op == c.SUBPATTERN:
+            return [av[3]]
+        if op in (c.ASSERT, c.ASSERT_NOT):
+            return [av[1]]
+        if op == c.ATOMIC_GROUP:
+            return [av]
+        if op == c.BRANCH:
+            return list(av[1])
+        return []
+
+    def walk(items: Any, inside_repeat: bool) -> str | None:
+        nonlocal repeats
+        for op, av in items:
+            if op in refs:
+                return "a backreference or conditional group"
+            if op in repeat_ops:
+                if inside_repeat:
+                    return "a nested quantifier (a repeated group holding a quantifier)"
+                if av[1] > 1:
+                    repeats += 1
+                    if repeats > MAX_PATTERN_REPEATS:
+                        return f"more than {MAX_PATTERN_REPEATS} quantifiers"
+            if op == c.BRANCH and inside_repeat:
+                return "an alternation inside a repeated group"
+            nested = inside_repeat or (op in repeat_ops and av[1] > 1)
+            for child in children(op, av):
+                why = walk(child, nested)
+                if why:
+                    return why
+        return None
+
+    if len(pattern) > MAX_LITERAL_PATTERN_CHARS:
+        return f"longer than {MAX_LITERAL_PATTERN_CHARS} characters"
+    why = walk(sre.parse(pattern), False)
+    if why is None and repeats and len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters with quantifiers"
+    return why
+
+
 def check_regex(pattern: Any, where: Path, field: str) -> None:
-    """A module-path regex as lorakit and PEFT use it (``(.*\\.)?(pattern)$``) must compile."""
+    """A module-path regex as lorakit and PEFT use it (``(.*\\.)?(pattern)$``) must compile, and must
+    not be able to backtrack for long when matched (``_regex_hazard``): patterns in files are untrusted."""
     _expect(pattern, isinstance(pattern, str), where, field, "a string (a regex)")
     try:
         re.compile(pattern)  # alone (target regexes are full-matched as they are) and wrapped (patterns)
         re.compile(rf"(.*\.)?({pattern})$")
+        why = _regex_hazard(pattern)
     except (re.error, RecursionError, OverflowError) as e:
         raise AdapterFileError(f"{where}: field {field!r}: invalid regex {pattern!r} ({e})") from None
+    if why:
+        raise AdapterFileError(f"{where}: field {field!r}: regex {pattern[:80]!r} refused: {why} (patterns in "
+                               "adapter files must not backtrack; name the modules or use simpler patterns)")
 
 
 def _fits(value: Any, tp: Any) -> bool:

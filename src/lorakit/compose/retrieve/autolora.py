@@ -318,36 +318,162 @@ class AutoLoRARetriever:
     @classmethod
     def load(cls, index_dir: str | Path, text_encoder: TextEncoder | None = None) -> AutoLoRARetriever:
         """Read an index folder written by :meth:`save`; the text side is rebuilt from its name
-        (``minilm``/``hash``) unless given (required for an index built with a custom encoder)."""
-        import json
+        (``minilm``/``hash``) unless given (required for an index built with a custom encoder).
 
-        from safetensors.torch import load_file
+        The folder is untrusted input, read by the adapter-folder rules of ``core.state``: only regular files
+        inside the folder, bounded and depth-limited JSON with checked types, floating-point finite tensors
+        whose shapes are checked against the JSON before the encoder is built; failures are a
+        :class:`RetrieveError` naming the file."""
+        import os
 
         d = Path(index_dir)
-        if not (d / INDEX_FILE).exists():
+        if not os.path.lexists(d / INDEX_FILE):
             raise RetrieveError(f"{d}: no {INDEX_FILE}; not a retriever index (build one with "
                                 "`lorakit retrieve build`)")
-        try:
-            info = json.loads((d / INDEX_FILE).read_text())
-            version, kind = info["format_version"], info["text_encoder"]
-            shapes = {p: (int(o), int(i)) for p, (o, i) in info["shapes"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise RetrieveError(f"{d / INDEX_FILE}: corrupt index description ({e})") from e
-        if version > FORMAT_VERSION:
-            raise RetrieveError(f"{d / INDEX_FILE}: format {version} is newer than this lorakit")
+        info = _index_info(d / INDEX_FILE)
+        kind = info["text_encoder"]
         if text_encoder is None and kind == "custom":
             raise RetrieveError(f"{d}: built with a custom text encoder; pass the same one to load()")
-        r = cls(text_encoder if text_encoder is not None else kind, **info.get("args", {}))
-        r.text_encoder_name = kind if text_encoder is None else "custom"
         try:
-            enc, emb = load_file(str(d / ENCODER_FILE)), load_file(str(d / EMBEDDINGS_FILE))["embeddings"]
-            r.encoder = WeightEncoder(shapes, int(info["text_dim"]), r.args)
+            r = cls(text_encoder if text_encoder is not None else kind, **info["args"])
+        except RetrieveError as e:  # an unknown text encoder name
+            raise RetrieveError(f"{d / INDEX_FILE}: field 'text_encoder': {e}") from None
+        except (TypeError, ValueError) as e:
+            raise RetrieveError(f"{d / INDEX_FILE}: field 'args': {e}") from None
+        r.text_encoder_name = kind if text_encoder is None else "custom"
+        shapes = {p: (o, i) for p, (o, i) in info["shapes"].items()}
+        enc = _index_tensors(d / ENCODER_FILE)
+        _check_encoder_shapes(d / ENCODER_FILE, enc, shapes, info["text_dim"], r.args)
+        emb_file = _index_tensors(d / EMBEDDINGS_FILE)
+        if set(emb_file) != {"embeddings"}:
+            raise RetrieveError(f"{d / EMBEDDINGS_FILE}: expected one tensor 'embeddings', got {sorted(emb_file)[:3]}")
+        emb = emb_file["embeddings"]
+        if tuple(emb.shape) != (len(info["names"]), info["text_dim"]):
+            raise RetrieveError(f"{d / EMBEDDINGS_FILE}: 'embeddings' has shape {list(emb.shape)}, expected "
+                                f"[{len(info['names'])}, {info['text_dim']}] ({len(info['names'])} adapters): "
+                                "corrupt index")
+        try:
+            r.encoder = WeightEncoder(shapes, info["text_dim"], r.args)
             r.encoder.load_state_dict(enc)
-        except Exception as e:  # safetensors/torch raise several types for missing, truncated or mismatched files
-            raise RetrieveError(f"{d}: missing or corrupt retriever tensors ({e})") from e
+        except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+            raise RetrieveError(f"{d / ENCODER_FILE}: does not match {INDEX_FILE} ({str(e)[:200]})") from None
         r.encoder.eval()
         r.names, r.sources = list(info["names"]), list(info["sources"])
-        if emb.shape[0] != len(r.names):
-            raise RetrieveError(f"{d}: {emb.shape[0]} embeddings for {len(r.names)} adapters: corrupt index")
-        r.embeddings, r.adapter_states, r.losses = emb, [None] * len(r.names), list(info.get("losses", []))
+        r.embeddings, r.adapter_states, r.losses = emb, [None] * len(r.names), list(info["losses"])
         return r
+
+
+# -- index files (untrusted input) --------------------------------------------------------------------
+
+MAX_INDEX_DIM = 1 << 16  # d_model, text_dim, layer sizes from an index file; the file's tensors must match
+
+
+def _index_info(path: Path) -> dict[str, Any]:
+    """``lorakit_retriever.json`` read by the adapter-folder rules (regular file, bounded, depth-limited) and
+    type-checked field by field (a recorded loss may be NaN; nothing else may)."""
+    from lorakit.core.state import AdapterFileError, read_json
+
+    try:
+        info = read_json(path, finite=False)
+    except AdapterFileError as e:
+        raise RetrieveError(f"corrupt index description: {e}") from None
+
+    def bad(field: str, value: Any, what: str) -> RetrieveError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return RetrieveError(f"{path}: field {field!r} must be {what}, got {shown}")
+
+    def is_int(v: Any, lo: int = 1, hi: int = MAX_INDEX_DIM) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    version = info.get("format_version")
+    if not is_int(version, 1, 1 << 30):
+        raise bad("format_version", version, "an integer >= 1")
+    if version > FORMAT_VERSION:
+        raise RetrieveError(f"{path}: format {version} is newer than this lorakit")
+    if not isinstance(info.get("text_encoder"), str):
+        raise bad("text_encoder", info.get("text_encoder"), "a text encoder name (a string)")
+    if not is_int(info.get("text_dim")):
+        raise bad("text_dim", info.get("text_dim"), f"an integer in [1, {MAX_INDEX_DIM}]")
+    args = info.setdefault("args", {})
+    if not isinstance(args, dict):
+        raise bad("args", args, "an object")
+    import typing
+
+    from lorakit.core.state import _fits
+
+    hints = typing.get_type_hints(AutoLoRAArgs)
+    for k, v in args.items():
+        if k in hints and not _fits(v, hints[k]):
+            raise bad(f"args.{k}", v, f"of type {getattr(hints[k], '__name__', hints[k])}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f"args.{k}", v, "a finite number")
+        if k in ("d_model", "layers", "heads") and not is_int(v, 1, MAX_INDEX_DIM if k == "d_model" else 64):
+            raise bad(f"args.{k}", v, "a positive integer (in range)")
+    shapes = info.get("shapes")
+    if not isinstance(shapes, dict) or not shapes:
+        raise bad("shapes", shapes, "an object (module path -> [out, in])")
+    for mpath, shape in shapes.items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(x) for x in shape)):
+            raise bad(f"shapes.{mpath}", shape, f"[out, in], two integers in [1, {MAX_INDEX_DIM}]")
+    names, sources = info.get("names"), info.get("sources")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("names", names, "a non-empty list of strings")
+    if not (isinstance(sources, list) and len(sources) == len(names)
+            and all(s is None or isinstance(s, str) for s in sources)):
+        raise bad("sources", sources, f"a list of {len(names)} folder names (strings) or nulls")
+    losses = info.setdefault("losses", [])
+    if not (isinstance(losses, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             for x in losses)):
+        raise bad("losses", losses, "a list of numbers")
+    return info
+
+
+def _index_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of an index folder by the adapter-folder rules; floating-point, finite tensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    from lorakit.core.state import AdapterFileError, read_adapter_file
+
+    try:
+        raw = read_adapter_file(path)
+    except AdapterFileError as e:
+        raise RetrieveError(f"missing or corrupt retriever tensors: {e}") from None
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise RetrieveError(f"{path}: corrupt retriever tensors, not a valid safetensors file ({e})") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise RetrieveError(f"{path}: tensor {k!r} is {t.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise RetrieveError(f"{path}: tensor {k!r} holds NaN or infinite values")
+    return tensors
+
+
+def _check_encoder_shapes(path: Path, enc: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                          text_dim: int, args: AutoLoRAArgs) -> None:
+    """The weight encoder's sizes from the JSON against the file's tensors, before the encoder is built (a JSON
+    cannot make us allocate what the file does not hold)."""
+    paths = sorted(shapes)
+    want: dict[str, tuple[int, ...]] = {"pos": (len(paths), args.d_model), "head.weight": (text_dim, args.d_model),
+                                        "head.bias": (text_dim,)}
+    for i, p in enumerate(paths):
+        want[f"probes.{i}"] = (shapes[p][1],)
+        key = f"{_module_type(p)}_{shapes[p][0]}"
+        want[f"proj.{key}.weight"], want[f"proj.{key}.bias"] = (args.d_model, shapes[p][0]), (args.d_model,)
+    for k, shape in want.items():
+        if k not in enc:
+            raise RetrieveError(f"{path}: tensor {k!r} missing")
+        if tuple(enc[k].shape) != shape:
+            raise RetrieveError(f"{path}: tensor {k!r} has shape {list(enc[k].shape)}, expected {list(shape)} "
+                                f"(from {INDEX_FILE})")
+    layers = {k.split(".")[2] for k in enc if k.startswith("encoder.layers.")}
+    if layers != {str(j) for j in range(args.layers)}:
+        raise RetrieveError(f"{path}: {len(layers)} transformer layer(s) in the file, {args.layers} in {INDEX_FILE}")
+    if args.d_model % args.heads:
+        raise RetrieveError(f"{INDEX_FILE}: d_model {args.d_model} is not divisible by heads {args.heads}")
+    big = [k for k, t in enc.items() if k.startswith("encoder.") and any(n > 4 * args.d_model for n in t.shape)]
+    if big:
+        raise RetrieveError(f"{path}: tensor {big[0]!r} is larger than d_model {args.d_model} allows")

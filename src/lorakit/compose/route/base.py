@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.core import atomic
@@ -409,31 +409,140 @@ class RoutedModel(nn.Module):
         return cls(model, bank, **args)
 
 
+def _untrusted_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a router folder, read by the adapter-folder rules (``core.state``: a regular file
+    inside the folder, read once, bounded by its size); floating-point and finite tensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    from lorakit.core.state import AdapterFileError, read_adapter_file
+
+    try:
+        raw = read_adapter_file(path)
+    except AdapterFileError as e:
+        raise RouterError(f"missing or corrupt router tensors: {e}") from None
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise RouterError(f"{path}: corrupt router tensors, not a valid safetensors file ({e})") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise RouterError(f"{path}: tensor {k!r} is {t.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise RouterError(f"{path}: tensor {k!r} holds NaN or infinite values")
+    return tensors
+
+
+def _router_info(path: Path, model: nn.Module) -> dict[str, Any]:
+    """``lorakit_router.json``, read by the adapter-folder rules (bounded, depth-limited, finite) and type-checked."""
+    from lorakit.core.state import AdapterFileError, read_json
+
+    try:
+        info = read_json(path)
+    except AdapterFileError as e:
+        raise RouterError(str(e)) from None
+
+    def bad(field: str, what: str) -> RouterError:
+        shown = repr(info.get(field))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return RouterError(f"{path}: field {field!r} must be {what}, got {shown}")
+
+    version = info.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad("format_version", "an integer >= 1")
+    if version > FORMAT_VERSION:
+        raise RouterError(f"{path}: format {version} is newer than this lorakit")
+    if not isinstance(info.get("method"), str):
+        raise bad("method", "a router name (a string)")
+    names = info.get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("names", "a non-empty list of strings")
+    for field in ("args", "extra"):
+        if not isinstance(info.setdefault(field, {}), dict):
+            raise bad(field, "an object")
+    ranks = info.get("ranks")
+    if not isinstance(ranks, dict) or not ranks:
+        raise bad("ranks", "an object (module path -> one rank per expert)")
+    for mpath, rs in ranks.items():
+        if not (isinstance(rs, list) and len(rs) == len(names)
+                and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rs)):
+            raise RouterError(f"{path}: field 'ranks.{mpath}' must be {len(names)} integer rank(s) >= 1 "
+                              f"(one per expert), got {rs!r:.80}")
+        try:
+            model.get_submodule(mpath)
+        except AttributeError:
+            raise RouterError(f"{path}: field 'ranks' names module {mpath!r:.80}, which this model does not "
+                              "have") from None
+    return info
+
+
+def _check_bank_tensors(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], model: nn.Module) -> None:
+    """Every tensor's shape against the JSON's ranks and the model's layers, before anything is built."""
+    e = len(info["names"])
+    expected: set[str] = set()
+    for mpath, ranks in info["ranks"].items():
+        try:
+            out, inp = _layer_shape(model.get_submodule(mpath))
+        except Exception as err:  # noqa: BLE001 - a module that is no Linear / Conv1D
+            raise RouterError(f"{path}: module {mpath!r} cannot carry LoRA experts ({err})") from None
+        r = max(ranks)
+        want = {"A": (e, r, inp), "B": (e, out, r), "scale": (e,), "bias": (e, out)}
+        for part, shape in want.items():
+            key = f"{mpath}.{part}"
+            if key not in tensors:
+                if part == "bias":
+                    continue
+                raise RouterError(f"{path}: tensor {key!r} missing")
+            expected.add(key)
+            if tuple(tensors[key].shape) != shape:
+                raise RouterError(f"{path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected "
+                                  f"{list(shape)} ({e} experts, rank {r}, layer {out}x{inp})")
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise RouterError(f"{path}: unexpected tensors {unexpected[:3]} (not listed in {ROUTER_FILE} 'ranks')")
+
+
 def load_routed(model: nn.Module, router_dir: str | Path) -> RoutedModel:
-    """Rebuild a saved router on ``model`` (the same base it was built on)."""
+    """Rebuild a saved router on ``model`` (the same base it was built on).
+
+    A router folder is untrusted input, read by the adapter-folder rules of ``core.state``: only regular
+    files inside the folder (no FIFOs, devices, links out of the folder), bounded JSON with finite numbers and
+    checked types, floating-point finite tensors whose shapes match the JSON's ranks and the model before
+    anything is built; every failure is a :class:`RouterError` naming the file. A failed load leaves
+    ``model`` as it was."""
+    import os
+
     from lorakit.core import registry
 
     d = Path(router_dir)
-    if not (d / ROUTER_FILE).exists():
+    if not os.path.lexists(d / ROUTER_FILE):
         raise RouterError(f"{d}: no {ROUTER_FILE}; not a router folder")
+    info = _router_info(d / ROUTER_FILE, model)
     try:
-        info = json.loads((d / ROUTER_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise RouterError(f"{d / ROUTER_FILE}: not valid JSON ({e})") from e
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise RouterError(f"{d / ROUTER_FILE}: format {info.get('format_version')} is newer than this lorakit")
+        cls = registry.get("route", info["method"])
+    except Exception as e:  # noqa: BLE001 - unknown name
+        raise RouterError(f"{d / ROUTER_FILE}: unknown router method {info['method']!r:.80} ({e})") from None
+    tensors = _untrusted_tensors(d / BANK_FILE)
+    _check_bank_tensors(d / BANK_FILE, tensors, info, model)
+    gates = _untrusted_tensors(d / GATES_FILE)
+    modules = {p: ExpertTensors(A=tensors[f"{p}.A"], B=tensors[f"{p}.B"], scale=tensors[f"{p}.scale"],
+                                bias=tensors.get(f"{p}.bias"), ranks=list(ranks)) for p, ranks in info["ranks"].items()}
     try:
-        tensors, gates = load_file(str(d / BANK_FILE)), load_file(str(d / GATES_FILE))
-    except Exception as e:  # safetensors raises several types for a missing or truncated file
-        raise RouterError(f"{d}: missing or corrupt router tensors ({e})") from e
-    modules = {}
-    for path, ranks in info["ranks"].items():
-        modules[path] = ExpertTensors(A=tensors[f"{path}.A"], B=tensors[f"{path}.B"], scale=tensors[f"{path}.scale"],
-                                      bias=tensors.get(f"{path}.bias"), ranks=list(ranks))
-    cls = registry.get("route", info["method"])
-    router = cls.from_extra(model, LoRABank(names=info["names"], modules=modules), info.get("args", {}),
-                            info.get("extra", {}))
-    router.load_router_state(gates)
+        router = cls.from_extra(model, LoRABank(names=info["names"], modules=modules), info["args"], info["extra"])
+    except RouterError as e:
+        raise RouterError(f"{d / ROUTER_FILE}: {e}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        raise RouterError(f"{d / ROUTER_FILE}: cannot rebuild the router from 'args'/'extra' "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        mine = router.router_state()
+        for k, t in gates.items():
+            if k in mine and tuple(t.shape) != tuple(mine[k].shape):
+                raise RouterError(f"tensor {k!r} has shape {list(t.shape)}, expected {list(mine[k].shape)}")
+        router.load_router_state(gates)
+    except (RouterError, RuntimeError, ValueError, KeyError) as e:
+        router.unroute()  # leave the model as it was
+        raise RouterError(f"{d / GATES_FILE}: {e}") from None
     return router.eval()  # inference mode (dropout in a user gate off); call .train() to keep training
 
 
