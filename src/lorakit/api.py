@@ -65,14 +65,17 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
 
 
 def save(model: nn.Module, out_dir: str | Path, name: str = "default", *,
-         base_model_name: str | None = None) -> Path:
+         base_model_name: str | None = None, meta: dict[str, Any] | None = None) -> Path:
     """Save adapter ``name`` of ``model`` to ``out_dir`` in PEFT layout (+ lorakit.json).
 
     If the adapter's init rewrote the base weights (PiSSA, LoRA-GA, ...), the PEFT files hold the
     equivalent adapter for the ORIGINAL base (``lorakit.io.export.original_base_state``, exact
-    up to float error), and lorakit's own files keep the adapter and its initial tensors.
+    up to float error), and lorakit's own files keep the adapter and its initial tensors. ``meta``
+    entries are added to ``lorakit.json``'s meta (e.g. what rebuilds a classification head).
     """
     state = extract_state(model, name)
+    if meta:
+        state = dataclasses.replace(state, meta={**state.meta, **meta})
     peft_state = original_base_state(adapter_modules(model, name), state)[0] if state.initial else None
     return save_state(state, out_dir, base_model_name=base_model_name, peft_state=peft_state)
 

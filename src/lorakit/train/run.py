@@ -148,28 +148,10 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
         "adapter_dir": str(out),
     }
     if trainer.is_main:
-        if head == "lm":
-            lorakit.save(base, out, base_model_name=_base_model_name(model))
-        else:
-            _save_with_head(base, out, _base_model_name(model), run_info)
+        lorakit.save(base, out, base_model_name=_base_model_name(model),
+                     meta=None if head == "lm" else {"head": run_info})  # what rebuilds a classification head
         atomic.write_json(out / "summary.json", summary)
     return summary
-
-
-def _save_with_head(model: Any, out: Path, base_model_name: str, head: dict[str, Any]) -> None:
-    """``lorakit.save`` with the head record added to ``lorakit.json``'s meta (what rebuilds the model)."""
-    from lorakit import extract_state, save_state
-
-    state = extract_state(model, "default")
-    if state.initial:  # base-rewriting inits need lorakit.save's export to the original base
-        from lorakit.core.inject import adapter_modules
-        from lorakit.io.export import original_base_state
-
-        peft_state = original_base_state(adapter_modules(model, "default"), state)[0]
-    else:
-        peft_state = None
-    state = dataclasses.replace(state, meta={**state.meta, "head": head})
-    save_state(state, out, base_model_name=base_model_name, peft_state=peft_state)
 
 
 def evaluate_adapter(adapter: str | Path | None, *, data: str = "sentiment", model: str | None = None,
