@@ -124,6 +124,10 @@ def train(
     allow_config_change: Annotated[bool, typer.Option(
         help="resume although the config differs from the checkpointed run's (recorded in train_spec.json)",
     )] = False,
+    precision: Annotated[str, typer.Option(
+        help="fp32 | bf16 | fp16 (autocast; adapter weights stay fp32; fp16 with loss scaling)")] = "fp32",
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="recompute activations in backward (HF models; not with a mixing/mixed-batch context)")] = False,
 ) -> None:
     """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one (a resume with
     another config is refused, listing the differences, unless --allow-config-change).
@@ -178,19 +182,23 @@ def train(
         validate_spec(spec)  # bad form/init values (e.g. k > r) exit 2 here, before a model loads
     except (UnknownMethodError, ValueError) as e:
         _fail(str(e))
-    tc = TrainConfig(steps=cli["steps"], batch_size=cli["batch_size"], grad_accum=cli["grad_accum"], lr=cli["lr"],
-                     weight_decay=cli["weight_decay"], warmup_steps=cli["warmup_steps"], schedule=cli["schedule"],
-                     max_grad_norm=cli["max_grad_norm"] or None, eval_every=cli["eval_every"],
-                     save_every=cli["save_every"], seed=cli["seed"], out_dir=str(cli["out"]),
-                     allow_config_change=bool(cli["allow_config_change"]))
+    try:  # bad trainer values (an unknown --precision) exit 2 here
+        tc = TrainConfig(steps=cli["steps"], batch_size=cli["batch_size"], grad_accum=cli["grad_accum"],
+                         lr=cli["lr"], weight_decay=cli["weight_decay"], warmup_steps=cli["warmup_steps"],
+                         schedule=cli["schedule"], max_grad_norm=cli["max_grad_norm"] or None,
+                         eval_every=cli["eval_every"], save_every=cli["save_every"], seed=cli["seed"],
+                         out_dir=str(cli["out"]), allow_config_change=bool(cli["allow_config_change"]),
+                         precision=cli["precision"], gradient_checkpointing=bool(cli["gradient_checkpointing"]))
+    except ValueError as e:
+        _fail(str(e))
     train_spec = TrainSpec.for_run(strategies, tc, init=spec.init, init_args=init_args, seed=cli["seed"],
                                    data=str(cli["data"]))
     try:
         summary = finetune(model=cli["model"], data=cli["data"], spec=spec, config=tc, strategies=strategies,
                            n_train=cli["n_train"], n_eval=cli["n_eval"], max_length=cli["max_length"],
                            threads=cli["threads"], adapter_seed=cli["seed"], train_spec=train_spec, head=head)
-    except (RunSetupError, FileNotFoundError) as e:  # data, model, head and adapter that do not fit together
-        _fail(str(e))
+    except (RunSetupError, FileNotFoundError, ValueError) as e:  # data, model, head, adapter, precision that
+        _fail(str(e))                                              # do not fit together, named by lorakit
     _print_summary(summary)
 
 

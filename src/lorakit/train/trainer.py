@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +38,64 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 
 # trainer config fields that may change between a run and its resume without changing what is trained
 RESUME_NEUTRAL = frozenset({"out_dir", "progress", "eval_every", "eval_at_start", "save_every", "keep_checkpoints",
-                            "log_every", "allow_config_change", "config_changes"})
+                            "log_every", "allow_config_change", "config_changes", "gradient_checkpointing"})
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_autocast(device_type: str, precision: str) -> None:
+    """Refuse a precision this device/torch build cannot autocast to (fp16 also needs a GradScaler)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return
+    try:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = torch.nn.functional.linear(torch.ones(1, 2, device=device_type), torch.ones(2, 2, device=device_type))
+        if out.dtype != dtype:
+            raise RuntimeError(f"autocast produced {out.dtype}")
+        if precision == "fp16":
+            torch.amp.GradScaler(device_type)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        works = [p for p, d in PRECISIONS.items() if d is None or _autocasts(device_type, d)]
+        raise ValueError(f"precision {precision!r} is not supported on device {device_type!r} with torch "
+                         f"{torch.__version__} ({e}); use one of: {', '.join(works)}") from e
+
+
+def _autocasts(device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = torch.nn.functional.linear(torch.ones(1, 2, device=device_type), torch.ones(2, 2, device=device_type))
+        return out.dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """HF gradient checkpointing, non-reentrant (the frozen base needs no input grads then), plus a guard:
+    lorakit's per-forward adapter context (a ContextVar set by ``use_context``) is gone when backward
+    re-runs the checkpointed forward, so a forward under a context is refused instead of silently
+    recomputing with the wrong adapters."""
+    from lorakit.core.context import current_context
+    from lorakit.core.layer import AdaptedLayer
+
+    if not (callable(getattr(model, "gradient_checkpointing_enable", None))
+            and getattr(model, "supports_gradient_checkpointing", False)):
+        raise ValueError(f"gradient_checkpointing needs a Hugging Face model that supports it "
+                         f"(gradient_checkpointing_enable); {type(model).__name__} does not")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a KV cache is useless in training and HF refuses it with checkpointing
+
+    def refuse_context(module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled() and current_context() is not None:
+            raise ValueError("gradient_checkpointing cannot be combined with a per-forward adapter context "
+                             "(mixed_batch / mixing / use_context): backward recomputes the forward outside "
+                             "the context and would use other adapters; train without checkpointing")
+
+    for m in model.modules():
+        if isinstance(m, AdaptedLayer):
+            m.register_forward_pre_hook(refuse_context)
 
 
 class ResumeConfigError(ValueError):
@@ -67,6 +125,7 @@ def spec_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list
     def view(d: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         trainer = {k: v for k, v in (d.get("trainer") or {}).items() if k not in RESUME_NEUTRAL}
+        trainer.setdefault("precision", "fp32")  # runs recorded before the field trained in fp32
         _flat("", trainer, out)
         strategies = [s for s in d.get("strategies") or []
                       if _catalog_strategy(s.get("name") if isinstance(s, dict) else s[0])]
@@ -109,6 +168,8 @@ class TrainConfig:
     out_dir: str | None = None
     progress: bool = True
     allow_config_change: bool = False  # resume a run whose recorded config differs (the change is recorded)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for forward and loss; adapter weights stay fp32
+    gradient_checkpointing: bool = False  # HF models: recompute activations in backward (use_reentrant=False)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -117,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
 
     @property
     def warmup(self) -> int:
@@ -165,6 +228,16 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters; attach an adapter first")
         self.param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.device_type = self.accelerator.device.type
+        _check_autocast(self.device_type, self.config.precision)
+        if self.config.precision != "fp32":
+            low = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+            if low:
+                raise ValueError(f"precision {self.config.precision!r} keeps trainable (master) weights in fp32, "
+                                 f"but {low[:3]} are {model.get_parameter(low[0]).dtype}; attach the adapter in fp32")
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.config.precision == "fp16" else None
+        if self.config.gradient_checkpointing:
+            _enable_checkpointing(model)
         self._build_optimizer()
         self.context = TrainingContext(self)  # what strategy hooks see: not the whole trainer
         self._previous_spec: dict[str, Any] | None = None
@@ -204,6 +277,8 @@ class Trainer:
         if self.is_main and self.out_dir is not None:
             state = {"step": self.step, "config": dataclasses.asdict(self.config),
                      "world_size": self.accelerator.num_processes, "train_spec": self.train_spec.to_dict()}
+            if self.scaler is not None:  # plain floats/ints: exact in the JSON trainer state
+                state["grad_scaler"] = self.scaler.state_dict()
             path = ckpt.save_checkpoint(self.out_dir / "checkpoints", self.step, params=self._trainable_state(),
                                         optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
                                         strategies={s.name: s.state_dict() for s in self.strategies},
@@ -251,6 +326,10 @@ class Trainer:
         self.scheduler.load_state_dict(data["scheduler"])
         for s in self.strategies:
             s.load_state_dict(data["strategies"].get(s.name, {}))
+        if self.scaler is not None:
+            if "grad_scaler" not in data["trainer_state"]:
+                raise ValueError(f"{path}: checkpoint has no fp16 loss-scaler state (trained in another precision?)")
+            self.scaler.load_state_dict(data["trainer_state"]["grad_scaler"])
         ckpt.set_rng_state(data["rng"][self.accelerator.process_index])
         self.step = int(data["trainer_state"]["step"])
         if changes:
@@ -339,6 +418,10 @@ class Trainer:
         self.model.train(was_training)
         return {k: float(v) for k, v in metrics.items()}
 
+    def _autocast(self) -> Any:
+        dtype = PRECISIONS[self.config.precision]
+        return nullcontext() if dtype is None else torch.autocast(device_type=self.device_type, dtype=dtype)
+
     # -- the loop --------------------------------------------------------------------------
     def train(self, resume: str | Path | bool = True) -> TrainResult:
         c, acc = self.config, self.accelerator
@@ -385,25 +468,36 @@ class Trainer:
                 sync = micro == c.grad_accum - 1
                 ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else nullcontext()
                 with ctx:
-                    loss = self.loss_fn(self.wrapped, batch)
-                    aux = getattr(self.model, "aux_loss", None)
-                    if inspect.ismethod(aux):  # a model's own auxiliary loss (e.g. a router's balance loss)
-                        loss = loss + aux()
-                    for s in self.strategies:
-                        loss = s.on_loss(self.context, loss, batch)
+                    with self._autocast():
+                        loss = self.loss_fn(self.wrapped, batch)
+                        aux = getattr(self.model, "aux_loss", None)
+                        if inspect.ismethod(aux):  # a model's own auxiliary loss (e.g. a router's balance loss)
+                            loss = loss + aux()
+                        for s in self.strategies:
+                            loss = s.on_loss(self.context, loss, batch)
+                    loss = loss.float()
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower the lr")
-                    acc.backward(loss / c.grad_accum)
+                    scaled = loss / c.grad_accum
+                    acc.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
                 total += loss.detach().item() / c.grad_accum
             for s in self.strategies:
                 s.on_after_backward(self.context, self.step)
             grad_norm = None
+            if self.scaler is not None:  # true gradients for clipping, strategies and the inf check
+                self.scaler.unscale_(self.optimizer)
             if c.max_grad_norm:
                 grad_norm = float(acc.clip_grad_norm_(self.optimized_params(), c.max_grad_norm))
             for s in self.strategies:
                 s.on_before_optimizer_step(self.context, self.step)
-            self.optimizer.step()
-            self.scheduler.step()
+            if self.scaler is not None:  # skips the step when a gradient is inf/nan, then adapts the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule (one step per step)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if acc.num_processes > 1:
