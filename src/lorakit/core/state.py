@@ -402,6 +402,28 @@ def _parse_legacy(path: Path, raw: bytes) -> dict[str, torch.Tensor]:
     return data
 
 
+def read_float_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a lorakit folder (router bank, retriever index) read by the adapter-folder rules
+    (``read_adapter_file``: a regular file inside the folder, read once, bounded); floating-point, finite
+    tensors only. ``what`` names the file's role in the errors."""
+    from safetensors.torch import load as load_bytes
+
+    try:
+        raw = read_adapter_file(path)
+    except AdapterFileError as e:
+        raise AdapterFileError(f"missing or corrupt {what}: {e}") from None
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise AdapterFileError(f"{path}: corrupt {what}, not a valid safetensors file ({e})") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{path}: tensor {k!r} is {t.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: tensor {k!r} holds NaN or infinite values")
+    return tensors
+
+
 def read_tensors(adapter_dir: Path, name: str = TENSORS_FILE, *, sha256: str | None = None,
                  listed_in: Path | None = None) -> dict[str, torch.Tensor]:
     """Tensors of an adapter folder (safetensors; a legacy .bin only with weights_only=True).

@@ -430,26 +430,13 @@ def _index_info(path: Path) -> dict[str, Any]:
 
 
 def _index_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of an index folder by the adapter-folder rules; floating-point, finite tensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
-    from lorakit.core.state import AdapterFileError, read_adapter_file
+    """A safetensors file of an index folder by the adapter-folder rules (``core.state.read_float_tensors``)."""
+    from lorakit.core.state import AdapterFileError, read_float_tensors
 
     try:
-        raw = read_adapter_file(path)
+        return read_float_tensors(path, "retriever tensors")
     except AdapterFileError as e:
-        raise RetrieveError(f"missing or corrupt retriever tensors: {e}") from None
-    try:
-        tensors = load_bytes(raw)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise RetrieveError(f"{path}: corrupt retriever tensors, not a valid safetensors file ({e})") from None
-    for k, t in tensors.items():
-        if not t.is_floating_point():
-            raise RetrieveError(f"{path}: tensor {k!r} is {t.dtype}, expected a floating-point tensor")
-        if not bool(torch.isfinite(t).all()):
-            raise RetrieveError(f"{path}: tensor {k!r} holds NaN or infinite values")
-    return tensors
+        raise RetrieveError(str(e)) from None
 
 
 def _check_encoder_shapes(path: Path, enc: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],

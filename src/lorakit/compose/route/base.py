@@ -410,27 +410,13 @@ class RoutedModel(nn.Module):
 
 
 def _untrusted_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of a router folder, read by the adapter-folder rules (``core.state``: a regular file
-    inside the folder, read once, bounded by its size); floating-point and finite tensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
-    from lorakit.core.state import AdapterFileError, read_adapter_file
+    """A safetensors file of a router folder by the adapter-folder rules (``core.state.read_float_tensors``)."""
+    from lorakit.core.state import AdapterFileError, read_float_tensors
 
     try:
-        raw = read_adapter_file(path)
+        return read_float_tensors(path, "router tensors")
     except AdapterFileError as e:
-        raise RouterError(f"missing or corrupt router tensors: {e}") from None
-    try:
-        tensors = load_bytes(raw)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise RouterError(f"{path}: corrupt router tensors, not a valid safetensors file ({e})") from None
-    for k, t in tensors.items():
-        if not t.is_floating_point():
-            raise RouterError(f"{path}: tensor {k!r} is {t.dtype}, expected a floating-point tensor")
-        if not bool(torch.isfinite(t).all()):
-            raise RouterError(f"{path}: tensor {k!r} holds NaN or infinite values")
-    return tensors
+        raise RouterError(str(e)) from None
 
 
 def _router_info(path: Path, model: nn.Module) -> dict[str, Any]:
