@@ -46,6 +46,9 @@ HERE = Path(__file__).resolve().parent
 RANKS = (8, 16)
 FLOOR = "floor"
 VARIANTS = (FLOOR, "lorakit_r8", "peft_r8", "lorakit_r16", "peft_r16")
+# bf16 autocast (adapter weights fp32, as lorakit's Trainer with precision="bf16"), r=16; --no-bf16 skips them
+BF16 = "_bf16"
+BF16_VARIANTS = ("lorakit_r16" + BF16, "peft_r16" + BF16)
 # The issue's targets: lorakit no slower than peft, and within 10% of the frozen base's fwd+bwd.
 TARGET_VS_PEFT = 1.0
 TARGET_VS_FLOOR = 1.10
@@ -125,7 +128,7 @@ def build_variant(name: str, base: nn.Module, batches: list[dict[str, torch.Tens
         # Leaves that require grad: backward runs through every layer down to the embeddings.
         model.train()
         return Variant(name, model, None, [e.requires_grad_(True) for e in embeds])
-    lib, _, rank = name.partition("_r")
+    lib, _, rank = name.removesuffix(BF16).partition("_r")
     r = int(rank)
     if lib == "lorakit":
         import lorakit
@@ -146,10 +149,13 @@ def forward_loss(v: Variant, i: int, batch: dict[str, torch.Tensor]) -> torch.Te
     """Label cross-entropy at each row's last real token (the lorakit classification objective)."""
     # logits_to_keep: the head runs only at the distinct last positions, as lorakit's objective.
     kwargs = {"attention_mask": batch["attention_mask"], "logits_to_keep": batch["positions"]}
-    if v.embeds is not None:
-        out = v.model(inputs_embeds=v.embeds[i], **kwargs)
-    else:
-        out = v.model(input_ids=batch["input_ids"], **kwargs)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if v.name.endswith(BF16)
+                else contextlib.nullcontext())
+    with autocast:
+        if v.embeds is not None:
+            out = v.model(inputs_embeds=v.embeds[i], **kwargs)
+        else:
+            out = v.model(input_ids=batch["input_ids"], **kwargs)
     logits = out.logits[torch.arange(batch["label_ids"].shape[0]), batch["inverse"]]
     return F.cross_entropy(logits.float(), batch["label_ids"])
 
@@ -286,6 +292,14 @@ def ratios(timing: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             "paired_lorakit_over_peft": paired(lk, pf),
             "paired_lorakit_over_floor": paired(lk, FLOOR),
         }
+    lk, pf = BF16_VARIANTS
+    if lk in timing and pf in timing:
+        out["r16_bf16"] = {
+            "lorakit_over_peft": timing[lk]["median_s"] / timing[pf]["median_s"],
+            "paired_lorakit_over_peft": paired(lk, pf),
+            "lorakit_bf16_over_fp32": timing[lk]["median_s"] / timing["lorakit_r16"]["median_s"],
+            "peft_bf16_over_fp32": timing[pf]["median_s"] / timing["peft_r16"]["median_s"],
+        }
     return out
 
 
@@ -377,7 +391,7 @@ def measure_memory(args: argparse.Namespace, batches_file: Path) -> dict[str, di
 
     # Each child's RSS is its own, so children may run side by side (timing is already done).
     with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
-        futures = {name: pool.submit(child, name) for name in VARIANTS}
+        futures = {name: pool.submit(child, name) for name in variant_names(args)}
         bar = tqdm(as_completed(futures.values()), total=len(futures), desc="memory (1 process each)",
                    unit="variant", file=sys.stderr)
         for _ in bar:
@@ -392,7 +406,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(VARIANTS)
+    names = list(result["config"].get("variants", VARIANTS))
     colors = ["0.6" if n == FLOOR else "tab:blue" if n.startswith("lorakit") else "tab:orange" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(names))
@@ -436,6 +450,9 @@ def summary_line(result: dict[str, Any]) -> str:
              f"lorakit/floor={rat[f'r{r}']['lorakit_over_floor']:.2f}" for r in RANKS]
     alt = " ".join(f"{other[f'r{r}']['lorakit_over_peft']:.2f}/{other[f'r{r}']['lorakit_over_floor']:.2f}"
                    for r in RANKS)
+    if "r16_bf16" in rat:
+        parts.append(f"r=16 bf16 lorakit/peft={rat['r16_bf16']['lorakit_over_peft']:.2f} "
+                     f"bf16/fp32={rat['r16_bf16']['lorakit_bf16_over_fp32']:.2f}")
     cfg = result["config"]
     return (f"train_overhead: {' | '.join(parts)} (median of {cfg['rounds']} rounds, 1 thread, {clock} time, "
             f"{cfg['model']}, floor {result['timing'][clock][FLOOR]['median_s']:.2f} s/step; "
@@ -463,7 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write torch.profiler tables of one lorakit and one peft r=16 step")
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and PNG")
     # Internal: run as the memory subprocess of one variant.
-    p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time lorakit and peft r=16 under bf16 autocast (fp32 adapter weights)")
+    p.add_argument("--memory-child", choices=VARIANTS + BF16_VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("rounds", "steps_per_round", "seq_len", "batch_size"):
@@ -472,6 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0 or args.memory_steps < 0 or args.memory_jobs < 1:
         p.error("--warmup and --memory-steps must be >= 0, --memory-jobs >= 1")
     return args
+
+
+def variant_names(args: argparse.Namespace) -> tuple[str, ...]:
+    return VARIANTS + (BF16_VARIANTS if args.bf16 else ())
 
 
 def profile_steps(variants: dict[str, Variant], batches: list[dict[str, torch.Tensor]],
@@ -508,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     batches, vocab = make_batches(args.seq_len, args.batch_size)
     base = load_base(args.model, vocab)
     variants = {}
-    for name in tqdm(VARIANTS, desc="building variants", unit="variant", file=sys.stderr):
+    for name in tqdm(variant_names(args), desc="building variants", unit="variant", file=sys.stderr):
         variants[name] = build_variant(name, base, batches)
     sanity = check_equivalence(variants, batches)
     saved = {name: saved_tensors_mb(v, batches[0]) for name, v in variants.items()}
@@ -544,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
             "order": "variants rotate their position every round; gc.collect() before each block",
             "weights": "all variants share the base weight tensors (structural deep copies)",
             "threads": 1, "memory_steps": args.memory_steps, "memory_jobs": args.memory_jobs,
+            "variants": list(variant_names(args)),
+            "bf16": "torch.autocast('cpu', bfloat16) around forward and loss; adapter weights stay fp32",
         },
         "step_time_method": ("median over rounds of the per-round mean step time; 'cpu' = process CPU "
                              "time (time.process_time), 'wall' = perf_counter"),
@@ -565,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         "saved_for_backward_mb": saved,
         "saved_for_backward_method": ("torch.autograd.graph.saved_tensors_hooks over one forward: bytes of "
                                       "the unique storages autograd keeps for backward, weights excluded"),
-        "adapter_state_mb": {name: variants_trainable[name] * 4 * 4 / 2**20 for name in VARIANTS},
+        "adapter_state_mb": {name: variants_trainable[name] * 4 * 4 / 2**20 for name in variant_names(args)},
         "adapter_state_method": "trainable params x 4 bytes x (param, grad, AdamW exp_avg, exp_avg_sq)",
         "sanity": {**sanity, "loss_after_training": last_loss},
         "profiles": profiles,

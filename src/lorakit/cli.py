@@ -128,6 +128,9 @@ def train(
         help="fp32 | bf16 | fp16 (autocast; adapter weights stay fp32; fp16 with loss scaling)")] = "fp32",
     gradient_checkpointing: Annotated[bool, typer.Option(
         help="recompute activations in backward (HF models; not with a mixing/mixed-batch context)")] = False,
+    quantize: Annotated[str | None, typer.Option(
+        help="nf4 | fp4 | int8: load the base 4-/8-bit through bitsandbytes (QLoRA; the `quantize` extra)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")] = "auto",
 ) -> None:
     """Fine-tune an adapter; resumes from the run dir's latest checkpoint if there is one (a resume with
     another config is refused, listing the differences, unless --allow-config-change).
@@ -188,7 +191,8 @@ def train(
                          schedule=cli["schedule"], max_grad_norm=cli["max_grad_norm"] or None,
                          eval_every=cli["eval_every"], save_every=cli["save_every"], seed=cli["seed"],
                          out_dir=str(cli["out"]), allow_config_change=bool(cli["allow_config_change"]),
-                         precision=cli["precision"], gradient_checkpointing=bool(cli["gradient_checkpointing"]))
+                         precision=cli["precision"], gradient_checkpointing=bool(cli["gradient_checkpointing"]),
+                         quantize=cli["quantize"] or None, device=str(cli["device"]))
     except ValueError as e:
         _fail(str(e))
     train_spec = TrainSpec.for_run(strategies, tc, init=spec.init, init_args=init_args, seed=cli["seed"],
@@ -556,6 +560,22 @@ from lorakit.compose.retrieve.cli import retrieve_app  # noqa: E402  (`lorakit r
 
 app.add_typer(retrieve_app, name="retrieve")
 
+from lorakit.generate.cli import generate_app  # noqa: E402  (`lorakit generate-adapter bank|fit|sample`)
+
+app.add_typer(generate_app, name="generate-adapter")
+
+from lorakit.train.multijob_cli import train_many  # noqa: E402  (`lorakit train-many CONFIG.yaml`)
+
+app.command("train-many")(train_many)
+
+from lorakit.ensemble.cli import ensemble_app  # noqa: E402  (`lorakit ensemble eval`)
+
+app.add_typer(ensemble_app, name="ensemble")
+
+from lorakit.diffusion.cli import diffusion_app  # noqa: E402  (`lorakit diffusion train-base ...`)
+
+app.add_typer(diffusion_app, name="diffusion")
+
 
 @app.command()
 def serve(
@@ -581,9 +601,18 @@ def serve(
         help="Host header served (repeatable; default: loopback names when bound to loopback)")] = None,
     max_body_mb: Annotated[float, typer.Option(help="largest request body, in MB")] = 2.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: $LORAKIT_THREADS or torch's)")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto | cpu | cuda | cuda:N: where the model, adapter pool and KV cache live")] = "auto",
 ) -> None:
     """OpenAI-compatible multi-adapter server (needs the `serving` extra); "model" = adapter name."""
     from lorakit.serving.server import main as serve_main
+    from lorakit.serving.server import server_parser
+    from lorakit.train.trainer import parse_device
+
+    try:
+        parse_device(device)  # a CUDA device this machine lacks is refused here, not replaced by the CPU
+    except ValueError as e:
+        _fail(str(e))
 
     argv = ["--host", host, "--port", str(port), "--budget-mb", str(budget_mb), "--max-batch", str(max_batch),
             "--kv", kv, "--kv-budget-mb", str(kv_budget_mb), "--max-body-mb", str(max_body_mb)]
@@ -603,6 +632,10 @@ def serve(
         argv += ["--allowed-host", h]
     if threads is not None:
         argv += ["--threads", str(threads)]
+    if device != "auto":
+        if "--device" not in server_parser()._option_string_actions:
+            _fail("this server build cannot place the model on a device (serving/server.py has no --device)")
+        argv += ["--device", device]
     if model:
         argv += ["--model", model]
     if adapters:

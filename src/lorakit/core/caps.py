@@ -33,8 +33,38 @@ class Cap(Flag):
     EMBEDDING_OK = auto()
     # a sparse form whose support is chosen from scores: implements select_top(scores (out, in))
     SPARSE_MASK = auto()
+    # works over a quantized (bitsandbytes nf4/fp4/int8) base layer: a form's forward is the quantized
+    # base output plus its delta and it reads W only dequantized; an init reads W only dequantized and
+    # neither rewrites W nor needs gradients of W; a strategy never writes or trains base weights
+    QUANTIZED_OK = auto()
+    # works in reduced precision: under the trainer's bf16/fp16 autocast with fp32 adapter (master)
+    # weights (forms, strategies: hooks that read gradients see them unscaled), or on a bf16/fp16 base
+    # weight (inits: their linear algebra runs in fp32)
+    LOW_PRECISION_OK = auto()
 
 
 def describe(caps: Cap) -> str:
     """Comma-separated lower-case names of the set flags."""
     return ",".join(f.name.lower() for f in Cap if f and f in caps and f.name) or "-"
+
+
+# what each hardware requirement needs, and how a refusal names it
+_HARDWARE = {"quantized": (Cap.QUANTIZED_OK, "a quantized (4-/8-bit) base"),
+             "low_precision": (Cap.LOW_PRECISION_OK, "reduced precision (bf16/fp16)")}
+
+
+def declared(method: object) -> Cap:
+    """The capabilities a form, init or strategy (class or instance) declares: its ``caps``."""
+    caps = getattr(method, "caps", Cap.NONE)
+    return caps if isinstance(caps, Cap) else Cap.NONE
+
+
+def require(methods: list[tuple[str, object]], need: str) -> None:
+    """Refuse, naming every method that lacks the capability, when ``need`` ("quantized" or
+    "low_precision") is not declared by all ``(axis, method)`` pairs. Checked once, before any work."""
+    cap, what = _HARDWARE[need]
+    lacking = [f"{axis} {getattr(m, 'name', type(m).__name__)!r}" for axis, m in methods if cap not in declared(m)]
+    if lacking:
+        raise ValueError(f"{', '.join(lacking)} cannot run on {what} (not declared: Cap.{cap.name}); "
+                         + ("load the base unquantized (no --quantize)" if need == "quantized"
+                            else "train in fp32 (--precision fp32)"))

@@ -18,7 +18,8 @@ class Entry(NamedTuple):
     arxiv: str
 
 
-AXES = ("form", "init", "strategy", "merge", "route", "retrieve", "federated", "serving", "generate")
+AXES = ("form", "init", "strategy", "merge", "route", "retrieve", "federated", "serving", "generate", "ensemble",
+        "diffusion", "train")
 
 CATALOG: tuple[Entry, ...] = (
     Entry("form", "lora", "lorakit.forms.lora:LoRA", "LoRA: Low-Rank Adaptation of LLMs (Hu et al., 2021); rsLoRA (Kalajdzievski, 2023)", "2106.09685, 2312.03732"),
@@ -86,4 +87,22 @@ CATALOG: tuple[Entry, ...] = (
     Entry("federated", "lora_fair", "lorakit.federated.lora_fair:LoRAFAIR", "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization Refinement (Bian et al., ICCV 2025)", "2411.14961"),
     # serving (issue 7)
     Entry("serving", "s_lora", "lorakit.serving.bank:AdapterBank", "S-LoRA: Serving Thousands of Concurrent LoRA Adapters (Sheng et al., MLSys 2024), with Punica's SGMV (Chen et al., MLSys 2024)", "2311.03285, 2310.18547"),
+    # generate (issue 14): adapters for a new task from a description, from a bank of trained checkpoints
+    Entry("generate", "icm_lora", "lorakit.generate.icm_lora:ICMLoRA", "ICM-LoRA: In-Context Meta LoRA Generation (Shao et al., IJCAI 2025); multi-task conv1d CVAE", "2501.17635"),
+    Entry("generate", "sg_lora", "lorakit.generate.sg_lora:SGLoRA", "SG-LoRA: Semantic-guided LoRA Parameters Generation (Li et al., CVPR 2026); CVAE with a parameter-space semantic prior", "2509.10535"),
+    Entry("generate", "text_to_lora", "lorakit.generate.hypernet:TextToLoRA", "Text-to-LoRA: Instant Transformer Adaption (Charakorn et al., ICML 2025); hypernetwork peer baseline", "2506.06105"),
+    # ensemble (issue 16): several adapters on one base as an ensemble
+    Entry("ensemble", "window_cascade", "lorakit.ensemble.cascade:WindowCascade", "Window-Based Early-Exit Cascades for Uncertainty Estimation: When Deep Ensembles are More Efficient than Single Models (Xia & Bouganis, ICCV 2023)", "2303.08010"),
+    Entry("ensemble", "neas", "lorakit.ensemble.neas:NEASSupernet", "NEAS: One-Shot Neural Ensemble Architecture Search by Diversity-Guided Search Space Shrinking (Chen et al., CVPR 2021); K LoRA paths over a shared-adapter trunk, rank-sliceable supernet, lorakit's diversity-shrinking formula", "2104.00597"),
+    # train (issue 16): several adapter jobs through one frozen base
+    Entry("train", "multijob", "lorakit.train.multijob:MultiJobTrainer", "LoRAFusion: Efficient LoRA Fine-Tuning for LLMs (Zhu et al., EuroSys 2026); mLoRA (Ye et al., VLDB 2025); per-job isolation, token-capped packing", "2510.00206, 2312.02515"),
+    # diffusion (issue 15): multi-LoRA text-to-image composition on diffusers UNets
+    Entry("diffusion", "merge", "lorakit.diffusion.composers:MergeComposer", "Multi-LoRA merge baseline: exact weighted ΔW sum (task arithmetic, Ilharco et al., ICLR 2023)", "2212.04089"),
+    Entry("diffusion", "switch", "lorakit.diffusion.composers:SwitchComposer", "LoRA Switch, in Multi-LoRA Composition for Image Generation (Zhong et al., 2024)", "2402.16843"),
+    Entry("diffusion", "composite", "lorakit.diffusion.composers:CompositeComposer", "LoRA Composite, in Multi-LoRA Composition for Image Generation (Zhong et al., 2024)", "2402.16843"),
+    Entry("diffusion", "lorahub", "lorakit.diffusion.composers:LoraHubComposer", "LoraHub (Huang et al., COLM 2024) weight search on few-shot renders of the diffusion testbed", "2307.13269"),
+    Entry("diffusion", "cmlora", "lorakit.diffusion.cmlora:CMLoRAComposer", "Cached Multi-LoRA Composition for Multi-Concept Image Generation (Zou et al., 2025)", "2502.04923"),
+    Entry("diffusion", "clora", "lorakit.diffusion.clora:CLoRAComposer", "CLoRA: A Contrastive Approach to Compose Multiple LoRA Models (Meral et al., ICCV 2025)", "2403.19776"),
+    Entry("diffusion", "lora_composer", "lorakit.diffusion.lora_composer:LoRAComposerComposer", "LoRA-Composer: Leveraging Low-Rank Adaptation for Multi-Concept Customization in Training-Free Diffusion Models (Yang et al., 2024)", "2403.11627"),
+    Entry("diffusion", "autolora_fusion", "lorakit.diffusion.autolora_fusion:GatedFusion", "AutoLoRA fine-grained gated fusion (Li et al., 2025); per-layer gates trained, LoRAs frozen", "2508.02107"),
 )  # fmt: skip

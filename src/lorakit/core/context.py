@@ -86,6 +86,28 @@ class AdapterContext:
             self._cache["row_groups"] = groups
         return groups
 
+    def row_segments(self) -> list[tuple[str | None, int, int]] | None:
+        """(adapter name or None, start, stop) runs of per-row ``ids`` over ``names`` when every adapter's
+        rows are one contiguous run (rows sorted by adapter, as the multi-job trainer packs them), else
+        None. Computed once per forward; the layers then slice instead of gathering and scattering."""
+        if "row_segments" not in self._cache:
+            segs: list[tuple[str | None, int, int]] | None = None
+            if self.ids is not None and self.ids.dim() == 1 and self.names is not None and self.ids.numel():
+                ids = self.ids.tolist()
+                segs, seen = [], set()
+                start = 0
+                for i in range(1, len(ids) + 1):
+                    if i == len(ids) or ids[i] != ids[start]:
+                        key = ids[start] if ids[start] >= 0 else -1
+                        if key >= 0 and key in seen:
+                            segs = None
+                            break
+                        seen.add(key)
+                        segs.append((self.names[key] if key >= 0 else None, start, i))
+                        start = i
+            self._cache["row_segments"] = segs
+        return self._cache["row_segments"]
+
     def mixing_weights(self, x: torch.Tensor, num: int) -> torch.Tensor | None:
         """Weights [..., num] broadcast to the leading dims of ``x`` (one-hot from ``ids`` when no
         ``weights`` were given; rows/tokens with id < 0 get all zeros), or None."""

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from lorakit.core import registry
-from lorakit.core.caps import Cap
+from lorakit.core.caps import Cap, require
 from lorakit.core.context import AdapterContext, current_context, use_context
 from lorakit.core.layer import AdaptedLayer
+from lorakit.core.quant import is_quantized
 from lorakit.core.spec import AdapterSpec, build_args
 from lorakit.forms.base import LAYER_CAPS, Form, layer_kind
 
@@ -95,7 +96,13 @@ def find_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
         extra = f" (nor {'/'.join(others)} module)" if others else ""
         raise ValueError(f"targets {spec.targets!r} match no Linear/Conv1D module{extra}; "
                          f"some candidates: {sample}")
+    if any(is_quantized(_base_of(model.get_submodule(p))) for p in found):
+        require([("form", form)], "quantized")  # a form that writes or needs a dense W refuses here
     return found
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _adaptable_or_wrapped(module: nn.Module) -> bool:
@@ -320,6 +327,7 @@ def install(model: nn.Module, name: str, spec: AdapterSpec, forms: dict[str, For
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(module).train(module.training)
             _set_submodule(model, path, module)
+        _to_base_device(form, module.base_layer)
         module.adapters[name] = form.train(module.training)  # a new adapter follows the model's mode
         module.active = active_adapters(model)
     _add_saved_copies(model, name, saved_paths, saved_tensors or None)
@@ -329,6 +337,14 @@ def install(model: nn.Module, name: str, spec: AdapterSpec, forms: dict[str, For
     if trainable:
         mark_trainable(model, name)
     return model
+
+
+def _to_base_device(form: Form, base: nn.Module) -> None:
+    """Put a form where its base layer computes (a CUDA base gets CUDA adapters; no form stays behind on
+    the CPU because it built a tensor without a device). Its dtype is kept (fp32 master weights)."""
+    ref = next(iter(base.parameters()), None)
+    if ref is not None and any(t.device != ref.device for t in [*form.parameters(), *form.buffers()]):
+        form.to(ref.device)
 
 
 def adapter_modules(model: nn.Module, name: str) -> dict[str, Form]:

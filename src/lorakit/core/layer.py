@@ -5,6 +5,7 @@ Forward, for the per-forward context c (``core.context``; None outside any conte
     out = base(x)
     out += Σ_{a active, unmerged} Δ_a(x)                        (no context, or a context without names)
     out[rows of a] += Δ_a(x[rows of a])                         (c.names + per-row c.ids: mixed batch)
+                                                                (rows of each adapter contiguous: sliced, one cat)
     out += Σ_e w_e · Δ_{names[e]}(x)                            (c.names + c.weights [..., E], or per-token ids)
     out = source.add_delta(x, out, c)   for each delta source  (stacked/paged banks: routers, serving)
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from lorakit.core.caps import Cap
 from lorakit.core.context import AdapterContext, ContextError, current_context
+from lorakit.core.quant import QuantizedBaseError, is_quantized, keep_training_layout, quant_type
 from lorakit.forms.base import Form, weight_out_in, write_weight
 
 
@@ -28,6 +30,7 @@ class AdaptedLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        keep_training_layout(base_layer)  # a bitsandbytes 4-bit base computes alike in train and eval
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.sources = nn.ModuleDict()  # key -> core.sources.DeltaSource (router stacks, serving banks)
@@ -64,8 +67,14 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             raise RuntimeError(f"per-row or weighted adapters while adapters {self.merged} are merged; unmerge first")
         if ctx.weights is None and ctx.ids is not None and ctx.ids.dim() == 1:
+            segments = ctx.row_segments()
+            if segments is not None:
+                return self._segments_forward(x, out, segments)
             return self._rows_forward(x, out, ctx.row_groups())
-        w = ctx.mixing_weights(x, len(ctx.names))
+        # a Conv2d's input and output are channels-first ([N, C, H, W]): weights broadcast over the output's
+        # channels-last view, then move back, so per-row weights reach every channel and pixel
+        channels_first = isinstance(self.base_layer, nn.Conv2d)
+        w = ctx.mixing_weights(out.movedim(1, -1) if channels_first else x, len(ctx.names))
         if w is None:
             raise ContextError("a context with adapter names needs ids or weights")
         result = out
@@ -73,7 +82,8 @@ class AdaptedLayer(nn.Module):
             if name is None or name not in self.adapters:
                 continue
             delta = _apply(self.adapters[name], x, out) - out
-            result = result + w[..., e, None].to(out.dtype) * delta
+            we = w[..., e, None].movedim(-1, 1) if channels_first else w[..., e, None]
+            result = result + we.to(out.dtype) * delta
         return result
 
     def _rows_forward(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
@@ -88,12 +98,32 @@ class AdaptedLayer(nn.Module):
             result = result.index_copy(0, rows, adapted)
         return result
 
+    def _segments_forward(self, x: torch.Tensor, out: torch.Tensor, segments) -> torch.Tensor:
+        # Contiguous per-adapter rows: slice views and one cat instead of a full-size index_copy per adapter
+        # (the copies cost the batching gain a multi-job step is after; LATER-ROWS §6.6).
+        parts = []
+        for name, start, stop in segments:
+            part = out[start:stop]
+            if name is not None and name in self.adapters:
+                part = _apply(self.adapters[name], x[start:stop], part)
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
     # -- merging ---------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
+        """Fold adapters into the base weight. Refused on a quantized base (``QuantizedBaseError``): W + ΔW
+        requantized to 4/8 bits loses most of ΔW to rounding and unmerge could not restore W; lorakit's
+        choice (PEFT requantizes with a warning): dequantize first (``core.quant.dequantize_model``, which
+        warns), then merge exactly into the dense base."""
         for name in names if names is not None else list(self.active):
             if name in self.merged or name not in self.adapters:
                 continue
             form = self.adapters[name]
+            if is_quantized(self.base_layer):
+                raise QuantizedBaseError(
+                    f"cannot merge adapter {name!r} into the quantized ({quant_type(self.base_layer)}) base layer: "
+                    "requantizing W + ΔW loses the update to rounding; dequantize the base first "
+                    "(lorakit.core.quant.dequantize_model(model), dense weights with a warning) and merge there")
             if Cap.MERGEABLE not in form.caps:
                 raise ValueError(f"adapter {name!r} ({form.name}) is input-dependent and cannot be merged")
             with torch.no_grad():
@@ -128,7 +158,7 @@ class AdaptedLayer(nn.Module):
                 offset = initial_delta(form)
                 if offset is not None:
                     w = w + offset[0].to(w.dtype)
-        return w.to(self.base_layer.weight.dtype)
+        return w if is_quantized(self.base_layer) else w.to(self.base_layer.weight.dtype)
 
     def rewrite_base(self, form: Form, sign: float = -1.0) -> None:
         """W ← W + sign·ΔW0 (and the bias), ΔW0 = the form's update at its initial tensors: a
@@ -136,6 +166,10 @@ class AdaptedLayer(nn.Module):
         offset = initial_delta(form)
         if offset is None:
             return
+        if is_quantized(self.base_layer):
+            raise QuantizedBaseError(
+                f"adapter {form.name!r} comes from a base-rewriting init (W_res = W - ΔW0), which cannot rewrite "
+                f"a quantized ({quant_type(self.base_layer)}) base; load the base unquantized")
         with torch.no_grad():
             self._write_weight(self._weight_out_in() + sign * offset[0].to(self.base_layer.weight.dtype))
             self._add_bias(offset[1], sign=sign)
@@ -169,10 +203,16 @@ def _dtype(form: Form) -> torch.dtype:
 
 
 def _apply(form: Form, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Run a form in its own dtype (fp32 unless asked) and return in the base output's dtype."""
+    """Run a form in its own dtype (fp32 unless asked) and return in the base output's dtype; under
+    autocast, in the autocast dtype for matmuls."""
     dtype = _dtype(form)
     if x.dtype == dtype and out.dtype == dtype:
         return form.apply(x, out)
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        # under autocast the form's matmuls run in the autocast dtype anyway (as PEFT's): skip the fp32
+        # round trip of x and of the full-width base output; elementwise maths with the fp32 weights
+        # still promotes to fp32
+        return form.apply(x, out).to(out.dtype)
     x = x.to(dtype) if x.is_floating_point() else x  # token ids (Embedding) stay integers
     return form.apply(x, out.to(dtype)).to(out.dtype)
 

@@ -355,7 +355,7 @@ class Aggregator:
 
 def weighted_sum(tensors: Sequence[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
     """Σ p_k·t_k, accumulated in float64 in client order, returned as float32."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     for t, w in zip(tensors, p):
         acc += float(w) * t.double()
     return acc.float()

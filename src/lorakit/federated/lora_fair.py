@@ -127,7 +127,7 @@ def _l2_solve(target: torch.Tensor, B: torch.Tensor, A: torch.Tensor, lam: float
     gram = A @ A.T
     mu = float(torch.trace(gram)) / A.shape[0]
     reg = lam * mu if mu > 0 else lam
-    eye = torch.eye(A.shape[0], dtype=torch.float64)
+    eye = torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     rhs = T @ A.T + reg * B
     X = torch.linalg.solve(gram + reg * eye, rhs.T).T  # X = rhs·(gram + reg·I)^-1 (gram is symmetric)
     return (X - B).float()
@@ -147,7 +147,7 @@ def lora_fair_states(states: Sequence[AdapterState], weights: Sequence[float] | 
     averaged = {path: _Pair(A=t["lora_A"], B=t["lora_B"]) for path, t in module_tensors(avg, "average").items()}
     targets = {}
     for path, fa in averaged.items():
-        target = torch.zeros(fa.B.shape[0], fa.A.shape[1], dtype=torch.float64)
+        target = torch.zeros(fa.B.shape[0], fa.A.shape[1], dtype=torch.float64, device=fa.B.device)
         for ts, w in zip(raw, p):
             target += float(w) * (ts[path]["lora_B"].double() @ ts[path]["lora_A"].double())  # Σ p_k B_k A_k
         targets[path] = target

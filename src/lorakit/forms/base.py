@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.caps import Cap
+from lorakit.core.quant import QuantizedBaseError, dequantized_weight, is_quantized
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -72,6 +73,8 @@ def weight_out_in(layer: nn.Module) -> torch.Tensor:
     """The base weight in the layout ΔW uses (a view, no copy): (out, in) for Linear, Conv1D and Embedding
     (Embedding: (dim, num_embeddings)), (out, in, kh, kw) for Conv2d (the weight itself)."""
     layer_dims(layer)  # refuses unsupported layers clearly
+    if is_quantized(layer):  # a bitsandbytes 4-/8-bit linear: W read back in floating point (a copy)
+        return dequantized_weight(layer)
     return layer.weight.T if _stored_transposed(layer) else layer.weight
 
 
@@ -83,6 +86,10 @@ def stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Write ``weight``, given in the layout of :func:`weight_out_in`, into the layer's own weight storage
     (in place, cast to the layer's dtype): the inverse of ``weight_out_in`` for merge/unmerge."""
+    if is_quantized(layer):
+        raise QuantizedBaseError(f"cannot write the weight of a quantized {type(layer).__name__} base layer "
+                                 "(requantizing W would lose the change to rounding); dequantize the base first "
+                                 "(lorakit.core.quant.dequantize_model)")
     w = layer.weight
     new = stored_layout(layer, weight)
     if tuple(new.shape) != tuple(w.shape):

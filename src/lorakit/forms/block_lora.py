@@ -66,6 +66,7 @@ class BlockLoRA(Form):
     name = "block_lora"
     Args = BlockLoRAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: BlockLoRAArgs) -> None:
         super().__init__(base_layer, args)

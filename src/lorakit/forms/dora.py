@@ -77,6 +77,7 @@ class DoRA(Form):
     name = "dora"
     Args = DoRAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     peft_type = "LORA"
     peft_patterns = {"r": "rank_pattern", "alpha": "alpha_pattern"}
 

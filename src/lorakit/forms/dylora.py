@@ -68,6 +68,7 @@ class DyLoRA(Form):
     name = "dylora"
     Args = DyLoRAArgs
     caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.NESTED_RANKS | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: DyLoRAArgs) -> None:
         super().__init__(base_layer, args)

@@ -99,6 +99,7 @@ class FlyLoRA(Form):
     name = "flylora"
     Args = FlyLoRAArgs
     caps = Cap.ROUTED | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: FlyLoRAArgs) -> None:
         super().__init__(base_layer, args)

@@ -56,6 +56,7 @@ class IncreLoRA(Form):
     name = "increlora"
     Args = IncreLoRAArgs
     caps = Cap.MERGEABLE | Cap.RANK_MUTABLE | Cap.RANK_GROWTH | Cap.CONV1D_OK
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: IncreLoRAArgs) -> None:
         super().__init__(base_layer, args)

@@ -93,6 +93,7 @@ class LoLDU(Form):
     name = "loldu"
     Args = LoLDUArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: LoLDUArgs) -> None:
         super().__init__(base_layer, args)

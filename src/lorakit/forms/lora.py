@@ -69,6 +69,7 @@ class LoRA(Form):
     Args = LoRAArgs
     caps = (Cap.FACTORED_AB | Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT | Cap.CONV2D_OK
             | Cap.EMBEDDING_OK)
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     peft_type = "LORA"
     peft_patterns = {"r": "rank_pattern", "alpha": "alpha_pattern"}
 

@@ -62,6 +62,7 @@ class LoRAXS(Form):
     name = "lora_xs"
     Args = LoRAXSArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.FACTORED_BMA
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     middle_name: ClassVar[str] = "lora_R"
 
     def __init__(self, base_layer: nn.Module, args: LoRAXSArgs) -> None:

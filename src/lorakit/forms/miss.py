@@ -115,6 +115,7 @@ class Bone(_MissFamily):
     name = "bone"
     Args = BoneArgs
     caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: BoneArgs) -> None:
         super().__init__(base_layer, args)
@@ -232,6 +233,7 @@ class MiSS(_MissFamily):
     name = "miss"
     Args = MiSSArgs
     caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: MiSSArgs) -> None:
         super().__init__(base_layer, args)

@@ -128,6 +128,7 @@ class NOLA(Form):
     name = "nola"
     Args = NOLAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT
+    caps |= Cap.QUANTIZED_OK  # hardware: quantized base; not bf16 autocast: its custom backward mixes dtypes
 
     def __init__(self, base_layer: nn.Module, args: NOLAArgs) -> None:
         super().__init__(base_layer, args)

@@ -157,6 +157,7 @@ class RandLoRA(Form):
     name = "randlora"
     Args = RandLoRAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT | Cap.SHARED_TENSORS
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     peft_type = "RANDLORA"
     shared_names = ("randlora_A", "randlora_B")
 

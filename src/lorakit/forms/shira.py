@@ -143,6 +143,7 @@ class Shira(Form):
     name = "shira"
     Args = ShiraArgs
     caps = Cap.MERGEABLE | Cap.IDENTITY_AT_INIT | Cap.CONV1D_OK | Cap.SPARSE_MASK
+    caps |= Cap.QUANTIZED_OK  # hardware; not bf16: sparse CSR addmm has no bf16 CPU kernel
     peft_type = "SHIRA"
     peft_conv1d = False  # PEFT 0.21.2 ShiraModel: "only `torch.nn.Linear` is supported"
 

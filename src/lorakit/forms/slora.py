@@ -57,6 +57,7 @@ class SLoRA(Form):
     name = "slora"
     Args = SLoRAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.IDENTITY_AT_INIT | Cap.FACTORED_BMA
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     middle_name: ClassVar[str] = "lora_N"
 
     def __init__(self, base_layer: nn.Module, args: SLoRAArgs) -> None:
@@ -112,6 +113,7 @@ class NLoRA(SLoRA):
     name = "nlora"
     Args = NLoRAArgs
     caps = Cap.MERGEABLE | Cap.CONV1D_OK | Cap.FACTORED_BMA
+    caps |= Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def __init__(self, base_layer: nn.Module, args: NLoRAArgs) -> None:
         super().__init__(base_layer, args)  # reset_parameters refuses r > min(in, out)

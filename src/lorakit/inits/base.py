@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from lorakit.core.caps import Cap, describe
@@ -25,6 +26,7 @@ class Init:
     Args: ClassVar[type] = NoArgs
     needs: ClassVar[Cap] = Cap.NONE  # NEEDS_DATA, NEEDS_GRAD, REWRITES_BASE
     requires: ClassVar[Cap] = Cap.NONE
+    caps: ClassVar[Cap] = Cap.NONE  # QUANTIZED_OK, LOW_PRECISION_OK: where the init works (checked by initialize)
     loss_fn: Any = None  # set by initialize(): loss_fn(model, batch) for gradient passes
     forms: dict[str, Form] | None = None  # set by initialize(): the adapter's forms by module path
 
@@ -61,6 +63,18 @@ class Init:
         raise NotImplementedError(f"init {self.name!r} must implement apply()")
 
 
+def _check_hardware(init: Init, bases: list[nn.Module]) -> None:
+    """Refuse, before any work, an init that does not declare it works on these base layers."""
+    from lorakit.core.caps import require
+    from lorakit.core.quant import is_quantized
+
+    if any(is_quantized(b) for b in bases):
+        require([("init", init)], "quantized")
+    elif any(getattr(b, "weight", None) is not None and b.weight.dtype in (torch.bfloat16, torch.float16)
+             for b in bases):
+        require([("init", init)], "low_precision")
+
+
 def initialize(model: nn.Module, adapter_name: str, init: Init,
                batches: Iterable[Any] | None = None, *, loss_fn: Any = None) -> None:
     """Run ``init`` on every layer that holds ``adapter_name``.
@@ -74,6 +88,7 @@ def initialize(model: nn.Module, adapter_name: str, init: Init,
     from lorakit.core.layer import set_initial_tensors
 
     layers = {path: layer for path, layer in adapted_layers(model) if adapter_name in layer.adapters}
+    _check_hardware(init, [layer.base_layer for layer in layers.values()])
     if init.needs & (Cap.NEEDS_DATA | Cap.NEEDS_GRAD) and batches is None:
         raise ValueError(f"init {init.name!r} needs calibration batches; pass batches=...")
     init.loss_fn = loss_fn

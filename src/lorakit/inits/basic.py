@@ -21,6 +21,7 @@ class DefaultInit(Init):
     """The form's own paper initialization (``Form.reset_parameters``)."""
 
     name = "default"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
         form.reset_parameters()
@@ -30,6 +31,7 @@ class KaimingInit(Init):
     """A ~ Kaiming-uniform(a=√5), B = 0."""
 
     name = "kaiming"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     requires = Cap.FACTORED_AB
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:
@@ -41,6 +43,7 @@ class GaussianInit(Init):
     """A ~ N(0, 1/r²) (std 1/r), B = 0."""
 
     name = "gaussian"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     requires = Cap.FACTORED_AB
 
     def apply(self, form: Form, base_layer: nn.Module, stats: Any) -> None:

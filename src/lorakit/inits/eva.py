@@ -149,6 +149,7 @@ class EVAInit(Init):
     """A = top principal directions of the layer inputs, ranks redistributed by explained variance."""
 
     name = "eva"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = EVAArgs
     needs = Cap.NEEDS_DATA
     requires = Cap.FACTORED_AB

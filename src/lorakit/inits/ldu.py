@@ -63,6 +63,7 @@ class LDUInit(Init):
     """Truncated LDU of W in a LoRA's factors, residual base; see the module docstring."""
 
     name = "ldu"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
     Args = LDUArgs
     needs = Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB

@@ -117,6 +117,7 @@ class LoRAGAInit(Init):
     """LoRA-GA init of a factored form (ΔW = s·B·A); see the module docstring."""
 
     name = "lora_ga"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
     Args = LoRAGAArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD | Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB

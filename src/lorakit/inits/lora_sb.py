@@ -98,6 +98,7 @@ class LoRASBInit(Init):
     """LoRA-SB init of a three-factor form (ΔW = s·B·R·A); see the module docstring."""
 
     name = "lora_sb"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
     Args = LoRASBArgs
     needs = Cap.NEEDS_DATA | Cap.NEEDS_GRAD
     requires = Cap.FACTORED_BMA

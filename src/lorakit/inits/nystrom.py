@@ -72,6 +72,7 @@ class NystromInit(Init):
     """NLoRA's Nyström init for any form with a middle matrix (FACTORED_BMA); see the module doc."""
 
     name = "nystrom"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = NystromArgs
     requires = Cap.FACTORED_BMA
     purpose = "sets a middle matrix N in ΔW = s·B·N·A"

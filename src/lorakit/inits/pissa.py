@@ -37,6 +37,7 @@ class PiSSAArgs:
 
 class PiSSAInit(Init):
     name = "pissa"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
     Args = PiSSAArgs
     needs = Cap.REWRITES_BASE
     requires = Cap.FACTORED_AB

@@ -80,10 +80,12 @@ class ShiraGradMask(_GradientMask):
     """SHiRA-Grad: train the k entries with the largest accumulated |∂L/∂W|."""
 
     name = "shira_grad"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
 
 
 class ShiraSnipMask(_GradientMask):
     """SHiRA-SNIP: train the k entries with the largest |W ⊙ ∂L/∂W|."""
 
     name = "shira_snip"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; rewrites W or needs its gradient: no quantized base
     weighted = True

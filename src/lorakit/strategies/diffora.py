@@ -75,6 +75,7 @@ class DiffoRAArgs:
 
 class DiffoRA(Strategy):
     name = "diffora"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = DiffoRAArgs
     exclusive_with = frozenset({"lisa"})
 

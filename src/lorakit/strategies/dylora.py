@@ -50,6 +50,7 @@ class DyLoRAArgs:
 
 class DyLoRARankSampling(Strategy):
     name = "dylora"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = DyLoRAArgs
     requires = Cap.NESTED_RANKS
 

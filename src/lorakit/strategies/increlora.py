@@ -103,6 +103,7 @@ class IncreLoRAArgs:
 
 class IncreLoRARankGrowth(Strategy):
     name = "increlora"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = IncreLoRAArgs
     requires = Cap.RANK_GROWTH
     exclusive_with = frozenset({"dylora"})

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.core.caps import Cap
 from lorakit.forms.base import Form
 from lorakit.strategies.base import Strategy
 
@@ -120,6 +121,7 @@ class LISAArgs:
 
 class LISA(Strategy):
     name = "lisa"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; writes or trains base weights: no quantized base
     Args = LISAArgs
 
     def __init__(self, **kwargs: Any) -> None:

@@ -109,6 +109,7 @@ class LoRAProArgs:
 
 class LoRAPro(Strategy):
     name = "lora_pro"
+    caps = Cap.QUANTIZED_OK | Cap.LOW_PRECISION_OK  # hardware: quantized base, bf16/fp16 (issue 17)
     Args = LoRAProArgs
     requires = Cap.FACTORED_AB
     excludes = Cap.FROZEN_A  # the adjusted A gradient needs a trainable A

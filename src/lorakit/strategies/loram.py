@@ -218,6 +218,7 @@ class LoRAM(Strategy):
     """Train the adapter on a structurally pruned copy; recover a full-size adapter at the end."""
 
     name = "loram"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; writes or trains base weights: no quantized base
     resumable = False  # the pruned model is built from the full one at step 0 (not saved per checkpoint)
     Args = LoRAMArgs
     requires = Cap.FACTORED_AB

@@ -283,6 +283,7 @@ class LoRAPrune(Strategy):
     """Train LoRA while pruning heads/channels by LoRA-guided importance; remove them at the end."""
 
     name = "loraprune"
+    caps = Cap.LOW_PRECISION_OK  # hardware: bf16/fp16; writes or trains base weights: no quantized base
     Args = LoRAPruneArgs
     requires = Cap.FACTORED_AB
     exclusive_with = frozenset({"lisa", "loram"})

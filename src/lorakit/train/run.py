@@ -59,6 +59,19 @@ def _base_model_name(model: str | None) -> str:
     return embedded.hf_name if embedded is not None else str(model)
 
 
+def _load_device(config: TrainConfig) -> str | None:
+    """Where a quantized base must be built (bitsandbytes quantizes on the device it places weights on);
+    None for a dense base (the trainer's accelerator moves it)."""
+    import torch
+
+    from lorakit.train.trainer import parse_device
+
+    if config.quantize is None:
+        return None
+    dev = parse_device(config.device)
+    return str(dev) if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def finetune(*, model: str | None = None, data: str = "sentiment", spec: AdapterSpec | None = None,
              config: TrainConfig | None = None, strategies: list[Strategy] | None = None,
              n_train: int | None = None, n_eval: int | None = None, max_length: int = 128,
@@ -96,7 +109,8 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
             raise ValueError(f"head 'seq_cls' needs a classification task (text + label); {task.name!r} is a "
                              f"{task.kind!r} task")
         num_labels = len(task.labels) if head == "seq_cls" else None
-        base, tokenizer = load_model(model, progress=True, head=head, num_labels=num_labels, head_seed=adapter_seed)
+        base, tokenizer = load_model(model, progress=True, head=head, num_labels=num_labels, head_seed=adapter_seed,
+                                     quantize=config.quantize, device=_load_device(config))
         if head == "seq_cls" and not spec.modules_to_save:
             spec = dataclasses.replace(spec, modules_to_save=head_modules(base))
         lorakit.attach(base, spec, seed=adapter_seed)
@@ -107,7 +121,8 @@ def finetune(*, model: str | None = None, data: str = "sentiment", spec: Adapter
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     total = sum(p.numel() for p in base.parameters())
     saved = f" modules_to_save={spec.modules_to_save}" if spec.modules_to_save else ""
-    _say(f"adapter: form={spec.form} init={spec.init} targets={spec.targets} args={spec.form_args}{saved} "
+    quant = f" on a {config.quantize} base" if config.quantize else ""
+    _say(f"adapter{quant}: form={spec.form} init={spec.init} targets={spec.targets} args={spec.form_args}{saved} "
          f"-> {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     run_info: dict[str, Any] = {"head": head, "model": _model_ref(model), "max_length": max_length}
     if head == "seq_cls":

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.core import atomic
+from lorakit.core.quant import QUANT_TYPES
 from lorakit.core.spec import TrainSpec
 from lorakit.strategies.base import Strategy, check_forms, check_stack
 from lorakit.train import checkpoint as ckpt
@@ -38,7 +39,8 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 
 # trainer config fields that may change between a run and its resume without changing what is trained
 RESUME_NEUTRAL = frozenset({"out_dir", "progress", "eval_every", "eval_at_start", "save_every", "keep_checkpoints",
-                            "log_every", "allow_config_change", "config_changes", "gradient_checkpointing"})
+                            "log_every", "allow_config_change", "config_changes", "gradient_checkpointing",
+                            "device", "fsdp"})
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +100,47 @@ def _enable_checkpointing(model: nn.Module) -> None:
             m.register_forward_pre_hook(refuse_context)
 
 
+def parse_device(device: str) -> torch.device | None:
+    """``"auto"`` -> None (CUDA when available, else CPU); ``"cpu"``, ``"cuda"``, ``"cuda:N"`` -> that device.
+    Refuses a malformed name, and a CUDA device this machine does not have (no silent CPU fallback)."""
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device; "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} asked for, but only {count} CUDA device(s) exist (0..{count - 1})")
+    return dev
+
+
+def check_hardware(model: nn.Module, strategies: Sequence[Strategy], precision: str) -> None:
+    """Refuse, once and before training, forms and strategies that do not declare they work on this
+    model's base (quantized: ``Cap.QUANTIZED_OK``) or in this precision (``Cap.LOW_PRECISION_OK``)."""
+    from lorakit.core.caps import require
+    from lorakit.core.inject import adapted_layers
+    from lorakit.core.quant import has_quantized_layers
+
+    forms: dict[str, Any] = {}
+    for _, layer in adapted_layers(model):
+        for form in layer.adapters.values():
+            forms.setdefault(form.name, form)
+    # catalog strategies only: ad-hoc hook objects (loggers, a test's kill switch) change no weights
+    methods = [("form", f) for f in forms.values()] + [("strategy", s) for s in strategies
+                                                        if _catalog_strategy(s.name)]
+    if has_quantized_layers(model):
+        require(methods, "quantized")
+    if precision != "fp32":
+        require(methods, "low_precision")
+
+
 class ResumeConfigError(ValueError):
     """A resume whose config differs from the one the checkpointed run was trained with."""
 
@@ -126,6 +169,7 @@ def spec_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list
         out: dict[str, Any] = {}
         trainer = {k: v for k, v in (d.get("trainer") or {}).items() if k not in RESUME_NEUTRAL}
         trainer.setdefault("precision", "fp32")  # runs recorded before the field trained in fp32
+        trainer.setdefault("quantize", None)  # ... and on an unquantized base
         _flat("", trainer, out)
         strategies = [s for s in d.get("strategies") or []
                       if _catalog_strategy(s.get("name") if isinstance(s, dict) else s[0])]
@@ -170,6 +214,9 @@ class TrainConfig:
     allow_config_change: bool = False  # resume a run whose recorded config differs (the change is recorded)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for forward and loss; adapter weights stay fp32
     gradient_checkpointing: bool = False  # HF models: recompute activations in backward (use_reentrant=False)
+    quantize: str | None = None  # nf4 | fp4 | int8: finetune() loads the base through bitsandbytes (QLoRA)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    fsdp: bool = False  # several processes: shard with FSDP2 (fully_shard per block) instead of DDP
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -180,6 +227,12 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"unknown quantize {self.quantize!r}; known: {', '.join(QUANT_TYPES)}")
+        parse_device(self.device)
+        if self.fsdp and self.save_every:
+            raise ValueError("fsdp runs do not write intermediate checkpoints yet (sharded optimizer state); "
+                             "use save_every=0 (the adapter is still saved at the end)")
 
     @property
     def warmup(self) -> int:
@@ -198,6 +251,40 @@ class TrainResult:
     out_dir: str | None = None
 
 
+def _shard_fsdp(model: nn.Module, accelerator: Any) -> None:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over the process group accelerate set up: each
+    transformer block (the model's ``_no_split_modules`` classes) is one unit, the root holds the rest.
+    Frozen base and trainable adapter tensors share units (FSDP2 shards per parameter). One process: no-op.
+    accelerate's own FSDP plugin is not used because accelerate runs CPU jobs as DDP (MULTI_CPU)."""
+    if accelerator.num_processes < 2:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(accelerator.device)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise ValueError(f"fsdp needs a model that names its transformer blocks (_no_split_modules); "
+                         f"{type(model).__name__} does not")
+    for m in units:
+        fully_shard(m)
+    fully_shard(model)
+
+
+def _accelerator(device: str) -> Any:
+    """An accelerate ``Accelerator`` on ``device`` (``TrainConfig.device``)."""
+    from accelerate import Accelerator
+
+    dev = parse_device(device)
+    if dev is None:
+        return Accelerator(cpu=not torch.cuda.is_available())
+    if dev.type == "cpu":
+        return Accelerator(cpu=True)
+    if dev.index is not None:  # accelerate places a single process on the current CUDA device
+        torch.cuda.set_device(dev.index)
+    return Accelerator()
+
+
 class Trainer:
     """Train the parameters of ``model`` that require grad.
 
@@ -212,15 +299,16 @@ class Trainer:
                  loss_fn: LossFn, config: TrainConfig | None = None, *, eval_fn: EvalFn | None = None,
                  strategies: Sequence[Strategy] = (), accelerator: Any = None,
                  train_spec: TrainSpec | None = None) -> None:
-        from accelerate import Accelerator
-
         self.config = config or TrainConfig()
         self.strategies = list(strategies)
         check_stack(self.strategies)
         check_forms(self.strategies, model)
         self.train_spec = train_spec or TrainSpec.for_run(self.strategies, self.config)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        check_hardware(model, self.strategies, self.config.precision)
+        self.accelerator = accelerator or _accelerator(self.config.device)
         self.model = model
+        if self.config.fsdp:
+            _shard_fsdp(model, self.accelerator)  # before the optimizer: FSDP2 replaces the parameters
         self.train_data, self.collate, self.loss_fn, self.eval_fn = train_data, collate, loss_fn, eval_fn
         self.out_dir = Path(self.config.out_dir) if self.config.out_dir else None
         self.step = 0
@@ -254,7 +342,8 @@ class Trainer:
             self.optimizer = s.wrap_optimizer(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(c.schedule, c.warmup, c.steps, c.min_lr_ratio))
-        self.wrapped = self.accelerator.prepare(self.model)
+        # FSDP2 shards in place (the model is its own wrapper); otherwise accelerate (DDP, device placement)
+        self.wrapped = self.model if self.config.fsdp else self.accelerator.prepare(self.model)
 
     @property
     def is_main(self) -> bool:
@@ -269,8 +358,17 @@ class Trainer:
         ids = {id(p) for p in self.optimized_params()}
         return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
 
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole on every process (FSDP: gathered from the shards, a collective that
+        every process must call; otherwise the tensors themselves)."""
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                for n, p in self._trainable_state().items()}
+
     def save_checkpoint(self) -> Path | None:
         from accelerate.utils import gather_object
+
+        if self.config.fsdp:
+            raise ValueError("fsdp runs do not write checkpoints yet; train with save_every=0")
 
         rngs = gather_object([ckpt.rng_state()]) if self.accelerator.num_processes > 1 else [ckpt.rng_state()]
         path = None
@@ -481,11 +579,11 @@ class Trainer:
                     scaled = loss / c.grad_accum
                     acc.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
                 total += loss.detach().item() / c.grad_accum
+            if self.scaler is not None:  # true gradients for every strategy hook, clipping and the inf check
+                self.scaler.unscale_(self.optimizer)
             for s in self.strategies:
                 s.on_after_backward(self.context, self.step)
             grad_norm = None
-            if self.scaler is not None:  # true gradients for clipping, strategies and the inf check
-                self.scaler.unscale_(self.optimizer)
             if c.max_grad_norm:
                 grad_norm = float(acc.clip_grad_norm_(self.optimized_params(), c.max_grad_norm))
             for s in self.strategies:

@@ -250,8 +250,8 @@ def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, shape: tu
     """Balanced rank-k factors from an SVD (zero-padded when fewer than k singular values exist)."""
     j = min(k, S.numel())
     root = S[:j].sqrt()
-    B = torch.zeros(shape[0], k, dtype=torch.float32)
-    A = torch.zeros(k, shape[1], dtype=torch.float32)
+    B = torch.zeros(shape[0], k, dtype=torch.float32, device=U.device)
+    A = torch.zeros(k, shape[1], dtype=torch.float32, device=U.device)
     B[:, :j] = (U[:, :j] * root).float()
     A[:j] = (root[:, None] * Vh[:j]).float()
     s2 = S.double().pow(2)
@@ -414,7 +414,7 @@ class DenseMerger(Merger):
                                generator=generator)
             taus.append(tau)
         stacked = torch.stack(taus)
-        w = torch.tensor(weights, dtype=stacked.dtype)
+        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
         if self.uses_consensus:
             merged = ties_consensus(stacked, w, a.consensus, a.normalize)
         else:
