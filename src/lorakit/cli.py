@@ -568,6 +568,11 @@ from lorakit.train.multijob_cli import train_many  # noqa: E402  (`lorakit train
 
 app.command("train-many")(train_many)
 
+from lorakit.transfer.cli import transfer, transfer_discriminator  # noqa: E402  (Trans-LoRA)
+
+app.command("transfer")(transfer)
+app.command("transfer-discriminator")(transfer_discriminator)
+
 from lorakit.ensemble.cli import ensemble_app  # noqa: E402  (`lorakit ensemble eval`)
 
 app.add_typer(ensemble_app, name="ensemble")

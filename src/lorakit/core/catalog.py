@@ -91,6 +91,7 @@ CATALOG: tuple[Entry, ...] = (
     Entry("generate", "icm_lora", "lorakit.generate.icm_lora:ICMLoRA", "ICM-LoRA: In-Context Meta LoRA Generation (Shao et al., IJCAI 2025); multi-task conv1d CVAE", "2501.17635"),
     Entry("generate", "sg_lora", "lorakit.generate.sg_lora:SGLoRA", "SG-LoRA: Semantic-guided LoRA Parameters Generation (Li et al., CVPR 2026); CVAE with a parameter-space semantic prior", "2509.10535"),
     Entry("generate", "text_to_lora", "lorakit.generate.hypernet:TextToLoRA", "Text-to-LoRA: Instant Transformer Adaption (Charakorn et al., ICML 2025); hypernetwork peer baseline", "2506.06105"),
+    Entry("generate", "trans_lora", "lorakit.transfer.pipeline:Transfer", "Trans-LoRA: towards data-free Transferable Parameter Efficient Finetuning (Wang et al., NeurIPS 2024); target-model synthesis, discriminator or TiTok filter, label-string teacher, across tokenizers", "2405.17258"),
     # ensemble (issue 16): several adapters on one base as an ensemble
     Entry("ensemble", "window_cascade", "lorakit.ensemble.cascade:WindowCascade", "Window-Based Early-Exit Cascades for Uncertainty Estimation: When Deep Ensembles are More Efficient than Single Models (Xia & Bouganis, ICCV 2023)", "2303.08010"),
     Entry("ensemble", "neas", "lorakit.ensemble.neas:NEASSupernet", "NEAS: One-Shot Neural Ensemble Architecture Search by Diversity-Guided Search Space Shrinking (Chen et al., CVPR 2021); K LoRA paths over a shared-adapter trunk, rank-sliceable supernet, lorakit's diversity-shrinking formula", "2104.00597"),

@@ -60,7 +60,8 @@ class StackedLoRA(DeltaSource):
                              f"{tuple(B.shape)}")
         self.A = nn.Parameter(A.detach().clone().float(), requires_grad=trainable)
         self.B = nn.Parameter(B.detach().clone().float(), requires_grad=trainable)
-        self.register_buffer("scale", (torch.ones(A.shape[0], device=A.device) if scale is None else scale.detach().clone()).float())
+        ones = torch.ones(A.shape[0], device=A.device)
+        self.register_buffer("scale", (ones if scale is None else scale.detach().clone()).float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float(), requires_grad=trainable)
         self.ranks = list(ranks) if ranks is not None else [A.shape[1]] * A.shape[0]
         self.gate = gate

