@@ -406,12 +406,17 @@ def read_float_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A safetensors file of a lorakit folder (router bank, retriever index) read by the adapter-folder rules
     (``read_adapter_file``: a regular file inside the folder, read once, bounded); floating-point, finite
     tensors only. ``what`` names the file's role in the errors."""
-    from safetensors.torch import load as load_bytes
-
     try:
         raw = read_adapter_file(path)
     except AdapterFileError as e:
         raise AdapterFileError(f"missing or corrupt {what}: {e}") from None
+    return parse_float_tensors(path, raw, what)
+
+
+def parse_float_tensors(path: Path, raw: bytes, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes ``raw`` (read from ``path``): floating-point and finite only."""
+    from safetensors.torch import load as load_bytes
+
     try:
         tensors = load_bytes(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:

@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -50,7 +48,7 @@ from lorakit.core.extract import fingerprint
 from lorakit.core.inject import exact_pattern
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.spec import AdapterSpec
-from lorakit.core.state import MAX_JSON_BYTES, AdapterFileError, AdapterState, read_adapter_file
+from lorakit.core.state import MAX_JSON_BYTES, AdapterFileError, AdapterState, parse_float_tensors, read_adapter_file
 
 KOHYA_PREFIXES: dict[str, str] = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                                   "lora_te2_": "text_encoder_2"}
@@ -78,12 +76,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise LoRAFileError(f"{p}: only .safetensors LoRA files are read (no pickled .ckpt/.pt/.bin)")
     raw = read_adapter_file(p)
     try:
-        tensors = load_safetensors(raw)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise LoRAFileError(f"{p}: corrupt or truncated safetensors file ({e})") from None
-    for k, t in tensors.items():
-        if not t.is_floating_point():
-            raise LoRAFileError(f"{p}: tensor {k!r} is {t.dtype}; LoRA factors and alphas are floating point")
+        tensors = parse_float_tensors(p, raw, "LoRA file")
+    except AdapterFileError as e:
+        raise LoRAFileError(str(e)) from None
     return {k: tensors[k] for k in sorted(tensors)}, _safetensors_metadata(raw, p)
 
 
